@@ -1,0 +1,646 @@
+"""A serverless WebSocket broadcast API: the whole Lambda function.
+
+API Gateway invokes this one function for every route of the WebSocket API and
+`lambda_handler` dispatches on `requestContext.routeKey`:
+
+    $connect     join a room: store the connection in DynamoDB
+    $disconnect  leave it: delete what $connect stored
+    message      broadcast `messageBody` to every other connection in the room
+    ping         answer `pong` (a client's way to beat the 10-minute idle timeout)
+    $default     anything else: an error naming the valid actions
+
+The file reads in the order a request flows through it: configuration, clients
+(created once per container), the dispatcher, one function per route, then the
+helpers the routes use (rooms, the broadcast, DynamoDB writes, replies, logs).
+
+The table holds two items per connection (design.md, "Table"):
+
+    membership  PK = ROOM#<room>  connectionId = <id>   connectedAt, expiresAt
+    connection  PK = CONN#<id>    connectionId = <id>   room, connectedAt, sourceIp, expiresAt
+
+Standard library and boto3 only: both ship in the Lambda runtime, so the
+deployment package is this file alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
+from urllib.parse import quote
+
+import boto3
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
+from botocore.httpsession import URLLib3Session
+
+# --- Configuration -------------------------------------------------------------------
+
+TABLE_NAME = os.environ.get("TABLE_NAME", "")
+DEFAULT_ROOM = os.environ.get("DEFAULT_ROOM", "1")
+MAX_MESSAGE_BYTES = int(os.environ.get("MAX_MESSAGE_BYTES", "32768"))
+FANOUT_CONCURRENCY = int(os.environ.get("FANOUT_CONCURRENCY", "32"))
+# Empty: built from each event's apiId and stage (see `callback_url`).
+CALLBACK_URL = os.environ.get("CALLBACK_URL", "")
+LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO").upper()
+AWS_REGION = os.environ.get("AWS_REGION", "us-east-1")
+
+# A room name is 1 to 64 of these characters. No '#', so a room can never forge
+# another item's partition key.
+ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+# API Gateway closes every connection after 2 hours; a $disconnect is best effort.
+# The TTL removes the items of a connection whose $disconnect was lost, with a
+# margin for DynamoDB's lazy TTL sweeper to never delete a live connection.
+CONNECTION_TTL_SECONDS = 2 * 3600 + 15 * 60
+
+# The table's attributes (template.json defines the same keys and TTL).
+PARTITION_KEY = "PK"
+SORT_KEY = "connectionId"
+TTL_ATTRIBUTE = "expiresAt"
+
+# The management API's 429 (throttled, or the recipient's buffer is full) is
+# worth retrying; this many attempts in all, with full-jitter backoff.
+POST_ATTEMPTS = 4
+POST_BACKOFF_SECONDS = 0.05
+# Query pages of at most this many ids: posting starts after the first 1,000 ids
+# are read, not after a whole 1 MB page (about 15,000 ids) is.
+QUERY_PAGE_SIZE = 1000
+# BatchWriteItem takes at most 25 requests; UnprocessedItems get this many tries.
+BATCH_WRITE_LIMIT = 25
+BATCH_WRITE_ATTEMPTS = 5
+
+METRICS_NAMESPACE = "WebSocketBroadcast"
+
+# The DynamoDB client methods this file calls and the IAM action each one needs:
+# template.json grants exactly these (a test holds the two together).
+DYNAMODB_ACTIONS = {
+    "transact_write_items": "dynamodb:PutItem",
+    "get_item": "dynamodb:GetItem",
+    "query": "dynamodb:Query",
+    "batch_write_item": "dynamodb:BatchWriteItem",
+}
+
+# --- Clients (created once per container) --------------------------------------------
+
+# Short timeouts: a DynamoDB call that hangs must fail well inside API Gateway's
+# 29-second integration timeout, with a clear error to the client.
+dynamodb = boto3.client(
+    "dynamodb",
+    config=Config(
+        connect_timeout=2,
+        read_timeout=5,
+        retries={"mode": "standard", "max_attempts": 3},
+    ),
+)
+
+# Credentials for signing management API calls, resolved once (the standard
+# chain: in Lambda, the function role's keys from the environment).
+credentials = boto3.Session().get_credentials()
+
+
+class ManagementApi(NamedTuple):
+    """One stage's @connections endpoint: its URL and a connection pool sized to
+    the fan-out, shared by the fan-out threads of every invocation."""
+
+    url: str
+    http: URLLib3Session
+
+
+# One per endpoint, for the life of the container: never per invocation or per
+# recipient, so TLS connections are reused across broadcasts.
+management_apis: dict[str, ManagementApi] = {}
+management_apis_lock = threading.Lock()
+
+# The fan-out threads, also for the life of the container.
+fanout_pool = ThreadPoolExecutor(max_workers=FANOUT_CONCURRENCY, thread_name_prefix="fanout")
+
+# --- The dispatcher -------------------------------------------------------------------
+
+Event = dict[str, Any]
+Response = dict[str, Any]
+
+ROUTES: dict[str, Callable[[Event], Response]] = {}
+
+
+def route(route_key: str) -> Callable[[Callable[[Event], Response]], Callable[[Event], Response]]:
+    """Register the function below it as the handler of one route key."""
+
+    def register(function: Callable[[Event], Response]) -> Callable[[Event], Response]:
+        ROUTES[route_key] = function
+        return function
+
+    return register
+
+
+def lambda_handler(event: Event, context: Any) -> Response:
+    """Entry point: run the route's function; never let an exception escape.
+
+    An exception would reach the client only as API Gateway's bare "Internal
+    server error" frame; a 500 reply carrying the request id is something a
+    client can show and an operator can find in the logs.
+    """
+    route_key = request_context(event).get("routeKey")
+    handle = ROUTES.get(route_key, ROUTES["$default"])
+    try:
+        response = handle(event)
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        log("ERROR", "dynamodb error", event, errorCode=code)
+        if code in THROTTLING_CODES:
+            response = error_reply(event, 503, "the service is busy, retry shortly")
+        else:
+            response = error_reply(event, 500, "internal error")
+    except Exception:
+        log("ERROR", "unhandled error", event, exception=traceback.format_exc())
+        response = error_reply(event, 500, "internal error")
+    log("INFO", "handled", event, status=response.get("statusCode"))
+    return response
+
+
+# --- Routes ---------------------------------------------------------------------------
+
+
+@route("$connect")
+def connect(event: Event) -> Response:
+    """Join the room named in the query string (or the default room).
+
+    Both items are written in one transaction: a connection is either fully in
+    its room or not there at all. A bad room name refuses the handshake (the
+    status becomes the HTTP status the client sees) and stores nothing.
+    """
+    room, problem = requested_room(event)
+    if problem:
+        return error_reply(event, 400, problem)
+    context = request_context(event)
+    store_connection(
+        connection_id(event),
+        room,
+        connected_at=int(context.get("connectedAt") or time.time() * 1000),
+        source_ip=context.get("identity", {}).get("sourceIp", ""),
+    )
+    return {"statusCode": 200}
+
+
+@route("$disconnect")
+def disconnect(event: Event) -> Response:
+    """Leave the room. Idempotent: a connection with no items is already gone."""
+    sender = connection_id(event)
+    delete_connections([(room_of(sender), sender)])
+    return {"statusCode": 200}
+
+
+@route("message")
+def message(event: Event) -> Response:
+    """Broadcast `messageBody` to every other connection in the sender's room.
+
+    The frame is checked before anything is read or sent: a refused message
+    reaches nobody. The room comes from the sender's own connection item, never
+    from the frame, so a client cannot post into a room it did not join.
+    """
+    frame, problem = parse_frame(event.get("body"))
+    if problem:
+        return error_reply(event, 400, problem)
+    if frame.get("messageBody") is None:
+        return error_reply(event, 400, "messageBody is required (any JSON value but null)")
+    body_json, problem = encode_message_body(frame["messageBody"])
+    if problem:
+        return error_reply(event, 400, problem)
+    size = len(body_json)
+    if size > MAX_MESSAGE_BYTES:
+        return error_reply(
+            event, 413, f"messageBody is {size} bytes encoded; the limit is {MAX_MESSAGE_BYTES}"
+        )
+
+    sender = connection_id(event)
+    room = room_of(sender)
+    if room is None:
+        return error_reply(event, 404, "this connection is not in a room; reconnect")
+
+    context = request_context(event)
+    message_id = context.get("messageId") or context.get("requestId", "")
+    payload = recipient_envelope(
+        message_id, room, sender, context.get("requestTimeEpoch"), body_json
+    )
+    started = time.perf_counter()
+    counts = broadcast(room, sender, payload, management_api(event))
+    fanout_ms = round((time.perf_counter() - started) * 1000, 3)
+    log_broadcast(event, room, counts, fanout_ms)
+    return reply(
+        200,
+        {
+            "action": "sent",
+            "id": message_id,
+            "recipients": counts.recipients,
+            "delivered": counts.delivered,
+            "stale": counts.stale,
+            "failed": counts.failed,
+        },
+    )
+
+
+@route("ping")
+def ping(event: Event) -> Response:
+    return reply(200, {"action": "pong", "time": int(time.time() * 1000)})
+
+
+@route("$default")
+def default(event: Event) -> Response:
+    """Any frame no other route took: say what was wrong and what would work."""
+    frame, problem = parse_frame(event.get("body"))
+    if not problem:
+        action = frame.get("action")
+        if action is None:
+            problem = "the frame has no action"
+        elif not isinstance(action, str):
+            problem = "action must be a string"
+        else:
+            problem = f"unknown action {action[:64]!r}"
+    return error_reply(event, 400, problem)
+
+
+# Actions a client may send (every route key that is not API Gateway's own).
+VALID_ACTIONS = sorted(key for key in ROUTES if not key.startswith("$"))
+
+# --- Event accessors ------------------------------------------------------------------
+
+
+def request_context(event: Event) -> dict[str, Any]:
+    context = event.get("requestContext") if isinstance(event, dict) else None
+    return context if isinstance(context, dict) else {}
+
+
+def connection_id(event: Event) -> str:
+    return request_context(event).get("connectionId", "")
+
+
+def request_id(event: Event) -> str:
+    return request_context(event).get("requestId", "")
+
+
+def requested_room(event: Event) -> tuple[str, str | None]:
+    """The room of a $connect and, if it cannot be used, why.
+
+    `queryStringParameters` is absent (or null) without a query string. A
+    repeated `room` is refused rather than guessed at.
+    """
+    rooms = (event.get("multiValueQueryStringParameters") or {}).get("room")
+    if rooms and len(rooms) > 1:
+        return "", "give one room parameter, not several"
+    room = (event.get("queryStringParameters") or {}).get("room", DEFAULT_ROOM)
+    if not isinstance(room, str) or not ROOM_NAME.fullmatch(room):
+        return "", "room must be 1 to 64 characters of A-Z a-z 0-9 _ . -"
+    return room, None
+
+
+# --- Frames ---------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_frame(body: Any) -> tuple[dict[str, Any], str | None]:
+    """The frame as a dict and, if it is not a JSON object, why.
+
+    NaN and Infinity are refused (Python would accept them; JavaScript clients
+    could not parse them back), as are numbers too long to convert and nesting
+    too deep to parse: every one of these is the client's error, not ours.
+    """
+    if not isinstance(body, str):
+        return {}, "the frame must be a JSON object, as text"
+    try:
+        frame = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return {}, "the frame is not valid JSON"
+    if not isinstance(frame, dict):
+        return {}, "the frame must be a JSON object"
+    return frame, None
+
+
+def encode_message_body(body: Any) -> tuple[bytes, str | None]:
+    """`messageBody` as compact UTF-8 JSON: both the size that is checked and the
+    bytes that are sent, so the body is encoded exactly once."""
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(), None
+    except (ValueError, RecursionError):
+        # A lone surrogate ("\ud800") parses but cannot be UTF-8 encoded.
+        return b"", "messageBody is not valid Unicode JSON"
+
+
+def recipient_envelope(
+    message_id: str, room: str, sender: str, sent_at: Any, body_json: bytes
+) -> bytes:
+    """What every recipient gets, as bytes, built once per broadcast around the
+    already-encoded body (re-encoding a 32 KB body per recipient is what makes
+    naive fan-outs CPU-bound)."""
+    head = json.dumps(
+        {"action": "message", "id": message_id, "room": room, "from": sender, "sentAt": sent_at},
+        separators=(",", ":"),
+    )
+    return head[:-1].encode() + b',"messageBody":' + body_json + b"}"
+
+
+# --- Rooms in DynamoDB ------------------------------------------------------------------
+
+
+def room_key(room: str, connection: str) -> dict[str, Any]:
+    return {PARTITION_KEY: {"S": f"ROOM#{room}"}, SORT_KEY: {"S": connection}}
+
+
+def connection_key(connection: str) -> dict[str, Any]:
+    return {PARTITION_KEY: {"S": f"CONN#{connection}"}, SORT_KEY: {"S": connection}}
+
+
+def store_connection(connection: str, room: str, connected_at: int, source_ip: str) -> None:
+    """Write the membership and the connection item, all or nothing."""
+    expires_at = {"N": str(connected_at // 1000 + CONNECTION_TTL_SECONDS)}
+    connected = {"N": str(connected_at)}
+    membership = {**room_key(room, connection), "connectedAt": connected, TTL_ATTRIBUTE: expires_at}
+    details = {
+        **connection_key(connection),
+        "room": {"S": room},
+        "connectedAt": connected,
+        "sourceIp": {"S": source_ip},
+        TTL_ATTRIBUTE: expires_at,
+    }
+    dynamodb.transact_write_items(
+        TransactItems=[
+            {"Put": {"TableName": TABLE_NAME, "Item": membership}},
+            {"Put": {"TableName": TABLE_NAME, "Item": details}},
+        ]
+    )
+
+
+def room_of(connection: str) -> str | None:
+    """The room a connection joined, read consistently: a message sent right after
+    $connect must find the item $connect has just written."""
+    item = dynamodb.get_item(
+        TableName=TABLE_NAME,
+        Key=connection_key(connection),
+        ConsistentRead=True,
+        ProjectionExpression="room",
+    ).get("Item")
+    return item["room"]["S"] if item else None
+
+
+def room_pages(room: str) -> Iterator[list[str]]:
+    """The connection ids of a room, one Query page at a time.
+
+    Every page is read (`LastEvaluatedKey`), so rooms past DynamoDB's 1 MB page
+    are not silently cut short; the caller posts to one page while the next is read.
+    """
+    request: dict[str, Any] = {
+        "TableName": TABLE_NAME,
+        "KeyConditionExpression": "#pk = :room",
+        "ExpressionAttributeNames": {"#pk": PARTITION_KEY, "#id": SORT_KEY},
+        "ExpressionAttributeValues": {":room": {"S": f"ROOM#{room}"}},
+        "ProjectionExpression": "#id",
+        "Limit": QUERY_PAGE_SIZE,
+    }
+    while True:
+        page = dynamodb.query(**request)
+        yield [item[SORT_KEY]["S"] for item in page.get("Items", [])]
+        if "LastEvaluatedKey" not in page:
+            return
+        request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+
+def delete_connections(connections: list[tuple[str | None, str]]) -> None:
+    """Delete both items of each (room, connection id), 25 requests per BatchWriteItem,
+    retrying what DynamoDB leaves unprocessed. Deleting what is not there is fine."""
+    keys = []
+    for room, connection in connections:
+        keys.append(connection_key(connection))
+        if room is not None:
+            keys.append(room_key(room, connection))
+    for start in range(0, len(keys), BATCH_WRITE_LIMIT):
+        chunk = keys[start : start + BATCH_WRITE_LIMIT]
+        pending = {TABLE_NAME: [{"DeleteRequest": {"Key": key}} for key in chunk]}
+        for attempt in range(BATCH_WRITE_ATTEMPTS):
+            pending = dynamodb.batch_write_item(RequestItems=pending).get("UnprocessedItems")
+            if not pending:
+                break
+            time.sleep(backoff_seconds(attempt))
+        else:
+            # The TTL removes what is left; the broadcast itself succeeded.
+            log("WARNING", "items left for the TTL", None, unprocessed=len(pending[TABLE_NAME]))
+
+
+# --- The broadcast --------------------------------------------------------------------
+
+
+class Counts(NamedTuple):
+    recipients: int
+    delivered: int
+    stale: int
+    failed: int
+    failures: dict[str, int]
+
+
+def broadcast(room: str, sender: str, payload: bytes, api: ManagementApi) -> Counts:
+    """Post `payload` to every connection in `room` but the sender, in parallel.
+
+    Pages are submitted to the fan-out pool as they arrive, so posting starts
+    while the next page is read. Recipients answering 410 Gone are deleted in
+    this same invocation. One failure never stops the others.
+    """
+    signer = SigV4Auth(credentials.get_frozen_credentials(), "execute-api", AWS_REGION)
+    posts = []
+    for page in room_pages(room):
+        posts += [
+            (recipient, fanout_pool.submit(post, api, signer, recipient, payload))
+            for recipient in page
+            if recipient != sender
+        ]
+    outcomes = {"delivered": 0, "stale": 0}
+    failures: dict[str, int] = {}
+    stale_ids = []
+    for recipient, future in posts:
+        try:
+            outcome = future.result()
+        except Exception as error:  # a bug in one post must not lose the others' counts
+            outcome = type(error).__name__
+        if outcome in outcomes:
+            outcomes[outcome] += 1
+            if outcome == "stale":
+                stale_ids.append(recipient)
+        else:
+            failures[outcome] = failures.get(outcome, 0) + 1
+    if stale_ids:
+        delete_connections([(room, stale) for stale in stale_ids])
+    return Counts(
+        recipients=len(posts),
+        delivered=outcomes["delivered"],
+        stale=outcomes["stale"],
+        failed=sum(failures.values()),
+        failures=failures,
+    )
+
+
+def post(api: ManagementApi, signer: SigV4Auth, recipient: str, payload: bytes) -> str:
+    """Send one payload to one connection (PostToConnection) and classify the outcome:
+    "delivered", "stale" (410 Gone: the connection no longer exists) or, for a
+    failure, its error code.
+
+    This is the management API's one operation on the hot path, done with
+    botocore's own signer and pooled HTTP session rather than the boto3 client:
+    the client's per-call machinery (parameter validation, event hooks, response
+    parsing) costs several times the CPU of the request itself, and a fan-out to
+    thousands of recipients is CPU-bound. Only a 429 is retried, and a failure to
+    connect: in both cases nothing was delivered, so a retry cannot duplicate.
+    """
+    url = f"{api.url}/@connections/{quote(recipient, safe='')}"
+    for attempt in range(POST_ATTEMPTS):
+        request = AWSRequest(method="POST", url=url, data=payload)
+        signer.add_auth(request)
+        try:
+            status = api.http.send(request.prepare()).status_code
+        except (EndpointConnectionError, ConnectTimeoutError):
+            status = "ConnectError"
+        except ReadTimeoutError:
+            return "ReadTimeout"
+        except (ConnectionClosedError, BotoCoreError) as error:
+            return type(error).__name__
+        if status == 200:
+            return "delivered"
+        if status == 410:
+            return "stale"
+        if status not in (429, "ConnectError"):
+            return POST_ERROR_CODES.get(status, f"HTTP{status}")
+        if attempt + 1 < POST_ATTEMPTS:
+            time.sleep(backoff_seconds(attempt))
+    return "LimitExceededException" if status == 429 else "ConnectError"
+
+
+# The management API's error codes by status (apigw-websocket.md, section 6).
+POST_ERROR_CODES = {
+    400: "BadRequestException",
+    403: "ForbiddenException",
+    413: "PayloadTooLargeException",
+    429: "LimitExceededException",
+}
+
+THROTTLING_CODES = {
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+}
+
+
+def backoff_seconds(attempt: int) -> float:
+    """Exponential backoff with full jitter: spreads retries of many threads apart."""
+    return random.uniform(0, POST_BACKOFF_SECONDS * 2**attempt)  # noqa: S311 - jitter, not crypto
+
+
+def callback_url(event: Event) -> str:
+    """The @connections endpoint: CALLBACK_URL if set, else the stage's execute-api URL.
+
+    Built from `apiId`, not `domainName`: behind a custom domain, `domainName` is
+    that domain, which does not serve @connections.
+    """
+    if CALLBACK_URL:
+        return CALLBACK_URL.rstrip("/")
+    context = request_context(event)
+    suffix = "amazonaws.com.cn" if AWS_REGION.startswith("cn-") else "amazonaws.com"
+    return f"https://{context['apiId']}.execute-api.{AWS_REGION}.{suffix}/{context['stage']}"
+
+
+def management_api(event: Event) -> ManagementApi:
+    """The endpoint's shared connection pool, created on first use in this container."""
+    url = callback_url(event)
+    api = management_apis.get(url)
+    if api is None:
+        with management_apis_lock:
+            api = management_apis.get(url)
+            if api is None:
+                http = URLLib3Session(
+                    timeout=(1, 5),  # connect, read: a post takes tens of milliseconds
+                    max_pool_connections=FANOUT_CONCURRENCY,
+                )
+                api = management_apis[url] = ManagementApi(url, http)
+    return api
+
+
+# --- Replies and logs -----------------------------------------------------------------
+
+
+def reply(status: int, body: dict[str, Any]) -> Response:
+    """A route's response; on two-way routes API Gateway sends `body` to the caller."""
+    return {"statusCode": status, "body": json.dumps(body, separators=(",", ":"))}
+
+
+def error_reply(event: Event, status: int, problem: str) -> Response:
+    body = {"action": "error", "status": status, "error": problem, "validActions": VALID_ACTIONS}
+    if status >= 500:
+        body["requestId"] = request_id(event)
+    return reply(status, body)
+
+
+LOG_LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
+
+
+def log(level: str, message: str, event: Event | None, **fields: Any) -> None:
+    """One JSON object per line on stdout, which Lambda sends to CloudWatch Logs.
+    Never a message body: what people write to each other stays out of the logs."""
+    if LOG_LEVELS[level] < LOG_LEVELS.get(LOG_LEVEL, 20):
+        return
+    entry = {"level": level, "message": message}
+    if event is not None:
+        context = request_context(event)
+        entry.update(
+            route=context.get("routeKey"),
+            connectionId=context.get("connectionId"),
+            requestId=context.get("requestId"),
+        )
+    entry.update(fields)
+    # One write per line, so lines from several threads never interleave.
+    sys.stdout.write(json.dumps(entry, default=str) + "\n")
+
+
+def log_broadcast(event: Event, room: str, counts: Counts, fanout_ms: float) -> None:
+    """The broadcast's log line, which is also its CloudWatch Embedded Metric Format
+    record: CloudWatch turns the named fields into metrics, no extra call needed."""
+    metrics = [
+        {"Name": "Recipients", "Unit": "Count"},
+        {"Name": "Delivered", "Unit": "Count"},
+        {"Name": "Stale", "Unit": "Count"},
+        {"Name": "Failed", "Unit": "Count"},
+        {"Name": "FanoutMs", "Unit": "Milliseconds"},
+    ]
+    log(
+        "INFO",
+        "broadcast",
+        event,
+        room=room,
+        Stage=request_context(event).get("stage", ""),
+        Recipients=counts.recipients,
+        Delivered=counts.delivered,
+        Stale=counts.stale,
+        Failed=counts.failed,
+        FanoutMs=fanout_ms,
+        failures=counts.failures,
+        _aws={
+            "Timestamp": int(time.time() * 1000),
+            "CloudWatchMetrics": [
+                {"Namespace": METRICS_NAMESPACE, "Dimensions": [["Stage"]], "Metrics": metrics}
+            ],
+        },
+    )
