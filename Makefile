@@ -5,9 +5,14 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# checkov lives apart from .venv: its pins clash with the project's (boto3).
+TOOLS       := .venv-tools
+TOOLS_STAMP := $(TOOLS)/.installed
+# No call home to PyPI for a newer checkov on every scan.
+export CKV_SKIP_PACKAGE_UPDATE_CHECK := true
 
 .DEFAULT_GOAL := help
-.PHONY: help test lint run clean
+.PHONY: help test lint tools package deploy destroy run clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -19,12 +24,66 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 
 venv: $(STAMP)
 
-test: $(STAMP) ## run every test (unit, template, end to end)
+$(TOOLS_STAMP): requirements-tools.txt
+	test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-tools.txt
+	touch $@
+
+tools: $(TOOLS_STAMP) ## checkov in .venv-tools (made once, remade when its pins change)
+
+test: $(STAMP) $(TOOLS_STAMP) ## run every test (unit, template, end to end)
 	$(PY) -m pytest
 
-lint: $(STAMP) ## ruff on the project's code
+lint: $(STAMP) $(TOOLS_STAMP) ## ruff on the code; cfn-lint and checkov on template.json
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/cfn-lint template.json
+	$(TOOLS)/bin/checkov --file template.json --framework cloudformation --skip-download --compact --quiet
+
+# --- Deploy to AWS --------------------------------------------------------------------
+# make deploy STACK=name BUCKET=bucket [REGION=region] [STAGE=prod] [PARAMS="Key=Value ..."]
+# BUCKET is an S3 bucket in the stack's region; it receives the function's code.
+# PARAMS overrides more template parameters, e.g. PARAMS="LogLevel=DEBUG AccessLogging=true".
+
+STAGE    ?= prod
+PACKAGED ?= packaged-template.json
+AWS      := $(VENV)/bin/aws
+REGION_OPTION = $(if $(REGION),--region $(REGION))
+
+# Refuse before anything is built or uploaded, in one line, when an argument is missing.
+ifneq ($(filter deploy,$(MAKECMDGOALS)),)
+ifeq ($(and $(STACK),$(BUCKET)),)
+$(error usage: make deploy STACK=name BUCKET=bucket [REGION=region] [STAGE=prod] [PARAMS="Key=Value ..."])
+endif
+else ifneq ($(filter package,$(MAKECMDGOALS)),)
+ifeq ($(BUCKET),)
+$(error usage: make package BUCKET=bucket [STACK=name] [REGION=region])
+endif
+endif
+ifneq ($(filter destroy,$(MAKECMDGOALS)),)
+ifeq ($(STACK),)
+$(error usage: make destroy STACK=name [REGION=region])
+endif
+endif
+
+# The function's Code in template.json is the path lambda_function.py: `package`
+# zips that one file alone and uploads it. It must run here, next to the file
+# (awscli resolves a single-file path against the working directory to zip it).
+package: $(STAMP) ## upload the function's code to BUCKET; write packaged-template.json
+	$(AWS) cloudformation package --use-json --template-file template.json \
+		--s3-bucket $(BUCKET) $(if $(STACK),--s3-prefix $(STACK)) \
+		--output-template-file $(PACKAGED) $(REGION_OPTION)
+
+deploy: package ## create or update the stack on AWS and print its WebSocket URL
+	$(AWS) cloudformation deploy --template-file $(PACKAGED) --stack-name $(STACK) \
+		--capabilities CAPABILITY_IAM --no-fail-on-empty-changeset $(REGION_OPTION) \
+		--parameter-overrides StageName=$(STAGE) $(PARAMS)
+	@$(AWS) cloudformation describe-stacks --stack-name $(STACK) $(REGION_OPTION) \
+		--query "Stacks[0].Outputs[?OutputKey=='WebSocketURL'].OutputValue" --output text
+
+destroy: $(STAMP) ## delete the stack and wait until it is gone
+	$(AWS) cloudformation delete-stack --stack-name $(STACK) $(REGION_OPTION)
+	$(AWS) cloudformation wait stack-delete-complete --stack-name $(STACK) $(REGION_OPTION)
 
 clean: ## remove the virtual environments, tools and caches
 	rm -rf $(VENV) .venv-tools .tools .pytest_cache .ruff_cache .hypothesis
