@@ -28,6 +28,7 @@ import json
 import os
 import random
 import re
+import socket
 import sys
 import threading
 import time
@@ -574,6 +575,9 @@ def management_api(event: Event) -> ManagementApi:
                 http = URLLib3Session(
                     timeout=(1, 5),  # connect, read: a post takes tens of milliseconds
                     max_pool_connections=FANOUT_CONCURRENCY,
+                    # As boto3's clients do: without it, the body waits for the
+                    # headers' delayed ACK, adding ~40 ms to every post.
+                    socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
                 )
                 api = management_apis[url] = ManagementApi(url, http)
     return api

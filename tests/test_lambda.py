@@ -287,6 +287,15 @@ def test_the_fanout_pool_and_the_http_pool_are_sized_to_fanout_concurrency(handl
     assert api.http._max_pool_connections == handler.FANOUT_CONCURRENCY
 
 
+def test_posts_go_out_without_nagle_delay(handler):
+    """Without TCP_NODELAY a post's body waits ~40 ms for the delayed ACK of its headers."""
+    sender, _ = connect(handler, "lobby"), connect(handler, "lobby")
+    send(handler, sender, {"action": "message", "messageBody": "x"})
+
+    (api,) = handler.management_apis.values()
+    assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) in api.http._socket_options
+
+
 def test_posts_are_signed_with_sigv4_for_execute_api(handler):
     sender, _ = connect(handler, "lobby"), connect(handler, "lobby")
     send(handler, sender, {"action": "message", "messageBody": "signed"})
