@@ -24,6 +24,9 @@ deployment package is this file alone.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import os
 import random
@@ -62,6 +65,10 @@ FANOUT_CONCURRENCY = int(os.environ.get("FANOUT_CONCURRENCY", "32"))
 CALLBACK_URL = os.environ.get("CALLBACK_URL", "")
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO").upper()
 AWS_REGION = os.environ.get("AWS_REGION", "us-east-1")
+# "none": open rooms. "token": $connect needs ?token=, signed with the secret
+# stored in Secrets Manager under AUTH_SECRET_ARN (see `mint_room_token`).
+AUTH_MODE = os.environ.get("AUTH_MODE", "none")
+AUTH_SECRET_ARN = os.environ.get("AUTH_SECRET_ARN", "")
 
 # A room name is 1 to 64 of these characters. No '#', so a room can never forge
 # another item's partition key.
@@ -111,6 +118,11 @@ dynamodb = boto3.client(
         retries={"mode": "standard", "max_attempts": 3},
     ),
 )
+
+# The room-token secret, read from Secrets Manager on the first $connect that
+# needs it and kept for the life of the container.
+auth_secret_cache: list[bytes] = []
+auth_secret_lock = threading.Lock()
 
 # Credentials for signing management API calls, resolved once (the standard
 # chain: in Lambda, the function role's keys from the environment).
@@ -190,6 +202,10 @@ def connect(event: Event) -> Response:
     room, problem = requested_room(event)
     if problem:
         return error_reply(event, 400, problem)
+    if AUTH_MODE != "none":
+        status, problem = check_room_token(event, room)
+        if problem:
+            return error_reply(event, status, problem)
     context = request_context(event)
     store_connection(
         connection_id(event),
@@ -296,16 +312,25 @@ def request_id(event: Event) -> str:
     return request_context(event).get("requestId", "")
 
 
-def requested_room(event: Event) -> tuple[str, str | None]:
-    """The room of a $connect and, if it cannot be used, why.
+def query_parameter(event: Event, name: str) -> tuple[str | None, str | None]:
+    """One query-string parameter of a $connect and, if it is ambiguous, why.
 
     `queryStringParameters` is absent (or null) without a query string. A
-    repeated `room` is refused rather than guessed at.
+    repeated parameter is refused rather than guessed at.
     """
-    rooms = (event.get("multiValueQueryStringParameters") or {}).get("room")
-    if rooms and len(rooms) > 1:
-        return "", "give one room parameter, not several"
-    room = (event.get("queryStringParameters") or {}).get("room", DEFAULT_ROOM)
+    values = (event.get("multiValueQueryStringParameters") or {}).get(name)
+    if values and len(values) > 1:
+        return None, f"give one {name} parameter, not several"
+    return (event.get("queryStringParameters") or {}).get(name), None
+
+
+def requested_room(event: Event) -> tuple[str, str | None]:
+    """The room of a $connect (the default room if none is named) and, if it
+    cannot be used, why."""
+    room, problem = query_parameter(event, "room")
+    if problem:
+        return "", problem
+    room = DEFAULT_ROOM if room is None else room
     if not isinstance(room, str) or not ROOM_NAME.fullmatch(room):
         return "", "room must be 1 to 64 characters of A-Z a-z 0-9 _ . -"
     return room, None
@@ -357,6 +382,67 @@ def recipient_envelope(
         separators=(",", ":"),
     )
     return head[:-1].encode() + b',"messageBody":' + body_json + b"}"
+
+
+# --- Room tokens ----------------------------------------------------------------------
+#
+# With AUTH_MODE=token, joining a room takes a token your backend minted for
+# that room: "<expiry>.<signature>", the signature an HMAC-SHA256, keyed by the
+# shared secret, over "<room>:<expiry>" (a room name cannot contain ':'). Your
+# backend decides who may join which room and hands out tokens; this function
+# only checks them, and the secret never leaves Secrets Manager and this container.
+
+
+def mint_room_token(secret: bytes, room: str, ttl_seconds: int, now: float | None = None) -> str:
+    """A token that lets its holder join `room` for `ttl_seconds` (copy this function
+    into your backend, or import it)."""
+    expiry = int((time.time() if now is None else now) + ttl_seconds)
+    return f"{expiry}.{room_token_signature(secret, room, expiry)}"
+
+
+def room_token_signature(secret: bytes, room: str, expiry: int) -> str:
+    digest = hmac.new(secret, f"{room}:{expiry}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+ROOM_TOKEN = re.compile(r"([0-9]{1,12})\.([A-Za-z0-9_-]{43})")
+
+
+def check_room_token(event: Event, room: str) -> tuple[int, str | None]:
+    """(status, problem) for the $connect's token: 401 when it is missing or
+    malformed, 403 when it is for another room, tampered with, or expired."""
+    if AUTH_MODE != "token":
+        # Fail closed: a mistyped mode must not open every room.
+        log("ERROR", "AUTH_MODE must be none or token", event, authMode=AUTH_MODE)
+        return 500, "authentication is misconfigured"
+    token, problem = query_parameter(event, "token")
+    if problem:
+        return 401, problem
+    if token is None:
+        return 401, "this API needs a token: ?room=NAME&token=TOKEN"
+    parts = ROOM_TOKEN.fullmatch(token)
+    if parts is None:
+        return 401, "the token is malformed"
+    expiry = int(parts[1])
+    expected = room_token_signature(auth_secret(), room, expiry)
+    if not hmac.compare_digest(expected, parts[2]):
+        return 403, "the token is not valid for this room"
+    if expiry < time.time():
+        return 403, "the token has expired"
+    return 200, None
+
+
+def auth_secret() -> bytes:
+    """The signing secret, read from Secrets Manager once per container."""
+    if not auth_secret_cache:
+        with auth_secret_lock:
+            if not auth_secret_cache:
+                secrets = boto3.client(
+                    "secretsmanager", config=Config(connect_timeout=2, read_timeout=5)
+                )
+                value = secrets.get_secret_value(SecretId=AUTH_SECRET_ARN)["SecretString"]
+                auth_secret_cache.append(value.encode())
+    return auth_secret_cache[0]
 
 
 # --- Rooms in DynamoDB ------------------------------------------------------------------
