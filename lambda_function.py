@@ -25,6 +25,7 @@ deployment package is this file alone.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -39,21 +40,13 @@ import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import boto3
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
+import urllib3
 from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    ReadTimeoutError,
-)
-from botocore.httpsession import URLLib3Session
+from botocore.exceptions import ClientError
+from botocore.httpsession import get_cert_path
 
 # --- Configuration -------------------------------------------------------------------
 
@@ -130,11 +123,13 @@ credentials = boto3.Session().get_credentials()
 
 
 class ManagementApi(NamedTuple):
-    """One stage's @connections endpoint: its URL and a connection pool sized to
-    the fan-out, shared by the fan-out threads of every invocation."""
+    """One stage's @connections endpoint and a connection pool sized to the
+    fan-out, shared by the fan-out threads of every invocation."""
 
-    url: str
-    http: URLLib3Session
+    url: str  # https://{apiId}.execute-api.{region}.amazonaws.com/{stage}
+    host: str  # the Host header, as signed
+    path: str  # /{stage}
+    http: urllib3.HTTPConnectionPool
 
 
 # One per endpoint, for the life of the container: never per invocation or per
@@ -549,11 +544,13 @@ def broadcast(room: str, sender: str, payload: bytes, api: ManagementApi) -> Cou
     while the next page is read. Recipients answering 410 Gone are deleted in
     this same invocation. One failure never stops the others.
     """
-    signer = SigV4Auth(credentials.get_frozen_credentials(), "execute-api", AWS_REGION)
+    outgoing = Outgoing(
+        api, payload, hashlib.sha256(payload).hexdigest(), credentials.get_frozen_credentials()
+    )
     posts = []
     for page in room_pages(room):
         posts += [
-            (recipient, fanout_pool.submit(post, api, signer, recipient, payload))
+            (recipient, fanout_pool.submit(post, outgoing, recipient))
             for recipient in page
             if recipient != sender
         ]
@@ -582,39 +579,103 @@ def broadcast(room: str, sender: str, payload: bytes, api: ManagementApi) -> Cou
     )
 
 
-def post(api: ManagementApi, signer: SigV4Auth, recipient: str, payload: bytes) -> str:
-    """Send one payload to one connection (PostToConnection) and classify the outcome:
+class Outgoing(NamedTuple):
+    """One broadcast's payload, ready to post to any number of recipients: encoded
+    and hashed once, with the keys that sign it."""
+
+    api: ManagementApi
+    payload: bytes
+    payload_sha256: str
+    keys: Any  # botocore ReadOnlyCredentials: access_key, secret_key, token
+
+
+def post(outgoing: Outgoing, recipient: str) -> str:
+    """Send the payload to one connection (PostToConnection) and classify the outcome:
     "delivered", "stale" (410 Gone: the connection no longer exists) or, for a
     failure, its error code.
 
-    This is the management API's one operation on the hot path, done with
-    botocore's own signer and pooled HTTP session rather than the boto3 client:
-    the client's per-call machinery (parameter validation, event hooks, response
-    parsing) costs several times the CPU of the request itself, and a fan-out to
-    thousands of recipients is CPU-bound. Only a 429 is retried, and a failure to
-    connect: in both cases nothing was delivered, so a retry cannot duplicate.
+    This is the one management API call on the hot path, made as a SigV4-signed
+    request over a pooled urllib3 connection (urllib3 ships with botocore) rather
+    than through the boto3 client, whose per-call machinery (parameter checks,
+    event hooks, its own signer, response parsing) costs about three times the
+    CPU: a fan-out to thousands of recipients is CPU-bound, and Lambda bills it.
+
+    Retried: a 429 (nothing was delivered) and a connection that failed or was
+    dropped before an answer, as boto3 would; a read timeout is not, since the
+    message may have been delivered. Every message carries its id, so a client can
+    drop the rare duplicate a dropped connection can cause.
     """
-    url = f"{api.url}/@connections/{quote(recipient, safe='')}"
+    api = outgoing.api
+    path = f"{api.path}/@connections/{quote(recipient, safe='')}"
+    status: int | str = "ConnectionError"
     for attempt in range(POST_ATTEMPTS):
-        request = AWSRequest(method="POST", url=url, data=payload)
-        signer.add_auth(request)
+        if attempt:
+            time.sleep(backoff_seconds(attempt - 1))
+        headers = signed_headers(outgoing, path)
         try:
-            status = api.http.send(request.prepare()).status_code
-        except (EndpointConnectionError, ConnectTimeoutError):
-            status = "ConnectError"
-        except ReadTimeoutError:
+            status = api.http.urlopen(
+                "POST", path, body=outgoing.payload, headers=headers, retries=False, redirect=False
+            ).status
+        except (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ProtocolError):
+            status = "ConnectionError"  # includes refused and reset connections: retry
+            continue
+        except urllib3.exceptions.ReadTimeoutError:
             return "ReadTimeout"
-        except (ConnectionClosedError, BotoCoreError) as error:
+        except urllib3.exceptions.HTTPError as error:
             return type(error).__name__
         if status == 200:
             return "delivered"
         if status == 410:
             return "stale"
-        if status not in (429, "ConnectError"):
-            return POST_ERROR_CODES.get(status, f"HTTP{status}")
-        if attempt + 1 < POST_ATTEMPTS:
-            time.sleep(backoff_seconds(attempt))
-    return "LimitExceededException" if status == 429 else "ConnectError"
+        if status != 429:
+            break
+    return POST_ERROR_CODES.get(status, f"HTTP{status}") if isinstance(status, int) else status
+
+
+def signed_headers(outgoing: Outgoing, path: str) -> dict[str, str]:
+    """SigV4 headers for POST `path`, as botocore's SigV4Auth computes them for
+    service execute-api (a test holds the two together).
+
+    Only the final HMAC is per request: the signing key is derived once a day and
+    the payload hashed once per broadcast.
+    """
+    keys = outgoing.keys
+    amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    day = amz_date[:8]
+    signed_names = "host;x-amz-date"
+    canonical_headers = f"host:{outgoing.api.host}\nx-amz-date:{amz_date}\n"
+    headers = {"X-Amz-Date": amz_date}
+    if keys.token:
+        signed_names += ";x-amz-security-token"
+        canonical_headers += f"x-amz-security-token:{keys.token}\n"
+        headers["X-Amz-Security-Token"] = keys.token
+    # Paths are encoded twice for SigV4 (everything but S3): '=' is %3D on the
+    # wire and %253D in the canonical request.
+    canonical_request = (
+        f"POST\n{quote(path, safe='/~')}\n\n{canonical_headers}\n{signed_names}\n"
+        f"{outgoing.payload_sha256}"
+    )
+    scope = f"{day}/{AWS_REGION}/execute-api/aws4_request"
+    string_to_sign = (
+        f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n"
+        f"{hashlib.sha256(canonical_request.encode()).hexdigest()}"
+    )
+    key = signing_key(keys.secret_key, day, AWS_REGION)
+    signature = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+    headers["Authorization"] = (
+        f"AWS4-HMAC-SHA256 Credential={keys.access_key}/{scope}, "
+        f"SignedHeaders={signed_names}, Signature={signature}"
+    )
+    return headers
+
+
+@functools.lru_cache(maxsize=8)
+def signing_key(secret_key: str, day: str, region: str) -> bytes:
+    """SigV4's derived key: valid for one day, region and service."""
+    key = f"AWS4{secret_key}".encode()
+    for part in (day, region, "execute-api", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key
 
 
 # The management API's error codes by status (apigw-websocket.md, section 6).
@@ -658,15 +719,27 @@ def management_api(event: Event) -> ManagementApi:
         with management_apis_lock:
             api = management_apis.get(url)
             if api is None:
-                http = URLLib3Session(
-                    timeout=(1, 5),  # connect, read: a post takes tens of milliseconds
-                    max_pool_connections=FANOUT_CONCURRENCY,
-                    # As boto3's clients do: without it, the body waits for the
-                    # headers' delayed ACK, adding ~40 ms to every post.
-                    socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-                )
-                api = management_apis[url] = ManagementApi(url, http)
+                api = management_apis[url] = open_management_api(url)
     return api
+
+
+def open_management_api(url: str) -> ManagementApi:
+    parts = urlsplit(url)
+    default_port = 443 if parts.scheme == "https" else 80
+    host = parts.hostname or ""
+    if parts.port not in (None, default_port):
+        host = f"{host}:{parts.port}"
+    http = urllib3.connection_from_url(
+        url,
+        maxsize=FANOUT_CONCURRENCY,
+        timeout=urllib3.Timeout(connect=1, read=5),  # a post takes tens of milliseconds
+        retries=False,
+        # As boto3's clients do: without it, the body waits for the headers'
+        # delayed ACK, adding ~40 ms to every post.
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        **({"ca_certs": get_cert_path(True)} if parts.scheme == "https" else {}),
+    )
+    return ManagementApi(url, host, parts.path.rstrip("/"), http)
 
 
 # --- Replies and logs -----------------------------------------------------------------

@@ -25,7 +25,8 @@ def handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         import lambda_function
 
         template.create_table(boto3.client("dynamodb"), lambda_function.TABLE_NAME)
-        api = ManagementApi()
+        keys = lambda_function.credentials.get_frozen_credentials()
+        api = ManagementApi(secrets={keys.access_key: keys.secret_key})
         server = serve(api)
         monkeypatch.setattr(lambda_function, "CALLBACK_URL", api.url)
         monkeypatch.setattr(lambda_function, "POST_BACKOFF_SECONDS", 0.001)

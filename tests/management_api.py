@@ -3,7 +3,9 @@
 A real HTTP server on 127.0.0.1 (the Lambda's real HTTP path is exercised, and
 TCP connections can be counted), answering each connection id as the test
 scripts it: 200 by default, or a sequence such as [429, 429, 200] or [410].
-Answers carry `x-amzn-ErrorType` exactly as API Gateway's do.
+Like API Gateway, it checks every request's SigV4 signature (with the emulator's
+checker, botocore's arithmetic) and answers 403 to a bad one. Answers carry
+`x-amzn-ErrorType` exactly as API Gateway's do.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
+
+from local.sigv4 import verify
 
 ERROR_TYPES = {
     400: "BadRequestException",
@@ -37,6 +41,8 @@ class Post:
 class ManagementApi:
     """The scripted endpoint; `url` is what CALLBACK_URL would be."""
 
+    secrets: dict[str, str] = field(default_factory=dict)  # access key id -> secret key
+    region: str = "us-east-1"
     url: str = ""
     posts: list[Post] = field(default_factory=list)
     answers: dict[str, list[int]] = field(default_factory=dict)
@@ -80,7 +86,16 @@ def serve(api: ManagementApi) -> ThreadingHTTPServer:
             length = int(self.headers.get("Content-Length", 0))
             body = self.rfile.read(length)
             connection_id = unquote(self.path.rsplit("/@connections/", 1)[-1])
-            status = api.next_status(connection_id)
+            problem = verify(
+                method="POST",
+                host=self.headers["Host"],
+                raw_path=self.path,
+                headers=dict(self.headers.items()),
+                body=body,
+                secrets=api.secrets,
+                region=api.region,
+            )
+            status = 403 if problem else api.next_status(connection_id)
             post = Post(connection_id, body, dict(self.headers.items()), self.path, status)
             with api.lock:
                 api.posts.append(post)

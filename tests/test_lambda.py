@@ -4,10 +4,12 @@ from local/events.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import threading
 import time
+from urllib.parse import quote
 
 import boto3
 import pytest
@@ -284,7 +286,7 @@ def test_the_fanout_pool_and_the_http_pool_are_sized_to_fanout_concurrency(handl
 
     (api,) = handler.management_apis.values()
     assert handler.fanout_pool._max_workers == handler.FANOUT_CONCURRENCY
-    assert api.http._max_pool_connections == handler.FANOUT_CONCURRENCY
+    assert api.http.pool.maxsize == handler.FANOUT_CONCURRENCY
 
 
 def test_posts_go_out_without_nagle_delay(handler):
@@ -293,20 +295,60 @@ def test_posts_go_out_without_nagle_delay(handler):
     send(handler, sender, {"action": "message", "messageBody": "x"})
 
     (api,) = handler.management_apis.values()
-    assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) in api.http._socket_options
+    assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) in api.http.conn_kw["socket_options"]
 
 
-def test_posts_are_signed_with_sigv4_for_execute_api(handler):
-    sender, _ = connect(handler, "lobby"), connect(handler, "lobby")
-    send(handler, sender, {"action": "message", "messageBody": "signed"})
+def test_posts_carry_a_sigv4_signature_botocore_accepts(handler):
+    sender, recipient = connect(handler, "lobby"), connect(handler, "lobby")
 
+    reply = send(handler, sender, {"action": "message", "messageBody": "signed"})
+
+    # The scripted endpoint answers 403 to any signature botocore's arithmetic rejects.
+    assert reply["delivered"] == 1
     (post,) = handler.api.posts
     keys = handler.credentials.get_frozen_credentials()
-    authorization = post.headers["Authorization"]
-    assert authorization.startswith(f"AWS4-HMAC-SHA256 Credential={keys.access_key}/")
-    assert "/us-east-1/execute-api/aws4_request" in authorization
+    assert post.headers["Authorization"].startswith(
+        f"AWS4-HMAC-SHA256 Credential={keys.access_key}/"
+    )
+    assert "/us-east-1/execute-api/aws4_request" in post.headers["Authorization"]
     assert post.headers["X-Amz-Security-Token"] == keys.token
-    assert post.path.endswith(post.connection_id.replace("=", "%3D"))
+    assert post.path == "/test/@connections/" + recipient.connection_id.replace("=", "%3D")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://abc123defg.execute-api.us-east-1.amazonaws.com/prod",
+        "https://abc123defg.execute-api.us-east-1.amazonaws.com:443/prod",
+        "http://127.0.0.1:8080/local",
+        "https://chat.example.com/base/path",
+    ],
+)
+@pytest.mark.parametrize("token", ["session-token", None])
+def test_signed_headers_match_botocores_sigv4_for_any_endpoint(handler, url, token):
+    from botocore.credentials import ReadOnlyCredentials
+
+    from local.sigv4 import verify
+
+    api = handler.open_management_api(url)
+    keys = ReadOnlyCredentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
+    payload = b'{"action":"message","messageBody":"\xc3\xa9"}'
+    outgoing = handler.Outgoing(api, payload, hashlib.sha256(payload).hexdigest(), keys)
+    path = f"{api.path}/@connections/{quote('R1kmxc2-_VNjMCFIA=', safe='')}"
+
+    headers = {"Host": api.host, **handler.signed_headers(outgoing, path)}
+
+    problem = verify(
+        method="POST",
+        host=api.host,
+        raw_path=path,
+        headers=headers,
+        body=payload,
+        secrets={keys.access_key: keys.secret_key},
+        region="us-east-1",
+    )
+    assert problem is None
+    assert ("X-Amz-Security-Token" in headers) == (token is not None)
 
 
 # --- message: recipients that fail --------------------------------------------------------
