@@ -20,6 +20,7 @@ import lambda_function
 from local import template
 
 ROOT = Path(__file__).resolve().parent.parent
+HTTP_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE"}
 TEMPLATE = template.load()
 HANDLER_SOURCE = ast.parse((ROOT / "lambda_function.py").read_text())
 
@@ -59,14 +60,29 @@ def function_properties() -> dict[str, Any]:
 
 
 def policy_statements() -> dict[str, dict[str, Any]]:
-    """The function role's inline policy statements, by Sid."""
+    """Every statement granted to the function's role, by Sid: those of its inline
+    policies and of the AWS::IAM::Policy resources attached to it."""
     role_name = function_properties()["Role"]["Fn::GetAtt"][0]
-    policies = TEMPLATE["Resources"][role_name]["Properties"]["Policies"]
+    role = TEMPLATE["Resources"][role_name]["Properties"]
+    documents = [policy["PolicyDocument"] for policy in role.get("Policies", [])]
+    documents += [
+        policy["Properties"]["PolicyDocument"]
+        for policy in template.resources(TEMPLATE, "AWS::IAM::Policy").values()
+        if {"Ref": role_name} in policy["Properties"]["Roles"]
+    ]
     return {
-        statement["Sid"]: statement
-        for policy in policies
-        for statement in policy["PolicyDocument"]["Statement"]
+        statement["Sid"]: statement for document in documents for statement in document["Statement"]
     }
+
+
+def condition_of_statement(sid: str) -> str | None:
+    """The Condition of the AWS::IAM::Policy resource holding a statement, if any."""
+    for policy in template.resources(TEMPLATE, "AWS::IAM::Policy").values():
+        if sid in {
+            statement["Sid"] for statement in policy["Properties"]["PolicyDocument"]["Statement"]
+        }:
+            return policy.get("Condition")
+    return None
 
 
 def as_list(value: Any) -> list[Any]:
@@ -96,26 +112,48 @@ def environment_reads() -> dict[str, str | None]:
     return reads
 
 
+def boto3_clients() -> dict[str, str]:
+    """The handler's boto3 clients: variable name -> service name."""
+    clients = {}
+    for node in ast.walk(HANDLER_SOURCE):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call)
+            and ast.unparse(node.value.func) == "boto3.client"
+        ):
+            service = node.value.args[0]
+            assert isinstance(service, ast.Constant), f"unreadable service: {ast.unparse(node)}"
+            for target in node.targets:
+                clients[ast.unparse(target)] = service.value
+    return clients
+
+
 def methods_called_on(client_name: str) -> set[str]:
-    """Names of the methods the handler calls on a module-level client."""
+    """Names of the methods the handler calls on one of its clients."""
     return {
         node.func.attr
         for node in ast.walk(HANDLER_SOURCE)
         if isinstance(node, ast.Call)
         and isinstance(node.func, ast.Attribute)
-        and isinstance(node.func.value, ast.Name)
-        and node.func.value.id == client_name
+        and ast.unparse(node.func.value) == client_name
     }
 
 
 def management_api_methods() -> set[str]:
-    """HTTP methods of the signed requests the handler sends (`AWSRequest(method=...)`)."""
+    """HTTP methods of the requests the handler signs and sends itself: the method
+    (first argument or `method=`) of its `urlopen`, `request` and `AWSRequest` calls."""
     methods = set()
     for node in ast.walk(HANDLER_SOURCE):
-        if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("AWSRequest"):
-            (method,) = [keyword.value for keyword in node.keywords if keyword.arg == "method"]
-            assert isinstance(method, ast.Constant), f"unreadable method: {ast.unparse(node)}"
-            methods.add(method.value)
+        if not isinstance(node, ast.Call):
+            continue
+        if ast.unparse(node.func).rsplit(".", 1)[-1] not in ("urlopen", "request", "AWSRequest"):
+            continue
+        candidates = node.args[:1] + [kw.value for kw in node.keywords if kw.arg == "method"]
+        methods |= {
+            candidate.value
+            for candidate in candidates
+            if isinstance(candidate, ast.Constant) and candidate.value in HTTP_METHODS
+        }
     return methods
 
 
@@ -265,11 +303,42 @@ def test_manage_connections_is_granted_on_this_stage_for_the_methods_the_handler
     stage = template.only_resource(TEMPLATE, "AWS::ApiGatewayV2::Stage")
     stage_parameter = stage["Properties"]["StageName"]["Ref"]
     assert as_list(statement["Action"]) == ["execute-api:ManageConnections"]
+    assert management_api_methods(), "found no management API request in the handler"
     assert [resource["Fn::Sub"] for resource in as_list(statement["Resource"])] == [
         "arn:${AWS::Partition}:execute-api:${AWS::Region}:${AWS::AccountId}:"
         f"${{{api}}}/${{{stage_parameter}}}/{method}/@connections/*"
         for method in sorted(management_api_methods())
     ]
+
+
+def test_the_function_role_grants_every_aws_service_the_handler_calls_and_no_other() -> None:
+    granted = {
+        action.split(":")[0]
+        for statement in policy_statements().values()
+        for action in as_list(statement["Action"])
+    }
+    # Lambda's runtime writes the logs; the management API is called by signed HTTP.
+    assert granted - {"logs", "execute-api"} == set(boto3_clients().values())
+
+
+def test_the_room_token_secret_is_used_and_readable_only_when_its_arn_is_given() -> None:
+    (secrets_client,) = [
+        name for name, service in boto3_clients().items() if service == "secretsmanager"
+    ]
+    actions = {
+        "secretsmanager:" + method.title().replace("_", "")
+        for method in methods_called_on(secrets_client)
+    }
+    statement = policy_statements()["RoomTokenSecret"]
+    assert sorted(as_list(statement["Action"])) == sorted(actions)
+    assert as_list(statement["Resource"]) == [{"Ref": "AuthSecretArn"}]
+    condition = condition_of_statement("RoomTokenSecret")
+    assert TEMPLATE["Conditions"][condition] == {
+        "Fn::Not": [{"Fn::Equals": [{"Ref": "AuthSecretArn"}, ""]}]
+    }
+    variables = function_properties()["Environment"]["Variables"]
+    assert variables["AUTH_SECRET_ARN"] == {"Ref": "AuthSecretArn"}
+    assert variables["AUTH_MODE"] == {"Fn::If": [condition, "token", "none"]}
 
 
 def test_the_function_role_grants_no_wildcard_action_or_resource() -> None:
