@@ -87,7 +87,9 @@ def _request_context(
     }
 
 
-def _single_and_multi(pairs: Iterable[tuple[str, str]]) -> tuple[dict[str, str], dict[str, list[str]]]:
+def _single_and_multi(
+    pairs: Iterable[tuple[str, str]],
+) -> tuple[dict[str, str], dict[str, list[str]]]:
     """API Gateway's two views of repeated keys: the last value, and all of them."""
     single: dict[str, str] = {}
     multi: dict[str, list[str]] = {}

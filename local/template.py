@@ -107,6 +107,15 @@ def function_environment(template: dict[str, Any] | None = None) -> dict[str, st
     return {name: value for name, value in resolved.items() if value is not None}
 
 
+def function_setting(name: str, template: dict[str, Any] | None = None) -> str | None:
+    """One property of the function as deployed with default parameters, e.g.
+    MemorySize, Timeout or Handler (None when the template does not set it)."""
+    template = template or load()
+    function = only_resource(template, "AWS::Lambda::Function")
+    value = function["Properties"].get(name)
+    return None if value is None else resolve(template, value)
+
+
 def function_environment_names(template: dict[str, Any] | None = None) -> set[str]:
     template = template or load()
     function = only_resource(template, "AWS::Lambda::Function")
@@ -144,7 +153,9 @@ def create_table(client: Any, table_name: str, template: dict[str, Any] | None =
 
 def table_keys(template: dict[str, Any] | None = None) -> tuple[str, str]:
     """(partition key, sort key) attribute names."""
-    schema = {key["KeyType"]: key["AttributeName"] for key in table_properties(template)["KeySchema"]}
+    schema = {
+        key["KeyType"]: key["AttributeName"] for key in table_properties(template)["KeySchema"]
+    }
     return schema["HASH"], schema["RANGE"]
 
 

@@ -22,4 +22,4 @@ os.environ.pop("AWS_ENDPOINT_URL_DYNAMODB", None)
 # made lets unit tests mock clients created at module level (as Lambda code does).
 import moto  # noqa: F401
 
-pytest_plugins = ["tests.lambda_harness"]
+pytest_plugins = ["tests.lambda_harness", "tests.local_harness"]

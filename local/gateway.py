@@ -1,0 +1,676 @@
+"""An API Gateway WebSocket API on one aiohttp port, hosting a Lambda handler.
+
+It behaves as API Gateway does (see the project's apigw-websocket notes), in
+the order a connection lives:
+
+1. Upgrade on `/{stage}`: a plain GET gets 426, another path 403. The
+   handshake is HELD while `$connect` runs; a non-2xx status rejects it with
+   that status, a handler error with 502; `Sec-WebSocket-Protocol` is echoed
+   only when the handler returns it. Posts to a connection still in
+   `$connect` get 410.
+2. Frames: text frames are routed by the template's route selection
+   expression and invoke the handler; two-way routes send the handler's
+   `body` back. Binary frames close with 1003, a frame over 32 KB or a message
+   over 128 KB with 1009. Errors reach the client as API Gateway's error
+   frames (`Forbidden`, `Internal server error`, `Endpoint request timed out`).
+3. Timeouts: idle (no data either way, posts included) and maximum duration
+   close with 1001 "Going away".
+4. `$disconnect` runs after the socket is gone, for every connection that
+   ends, with API Gateway's close code and reason.
+5. The management API (`/{stage}/@connections/{id}`, and `/@connections/{id}`):
+   SigV4-checked POST / GET / DELETE with API Gateway's status codes, bodies
+   and `x-amzn-ErrorType` headers, so boto3 raises its modeled exceptions.
+6. Local controls under `/@local/` (not part of API Gateway) for tests, and
+   the browser page from `local/static/` on `/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.http_websocket import WebSocketError
+
+from local import events, sigv4
+from local.runtime import LambdaRuntime, Outcome
+from local.selection import RouteSelector
+from local.template import Api
+
+log = logging.getLogger("local.gateway")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# A connection id as API Gateway makes them: URL-safe base64 of 12 bytes.
+CONNECTION_ID = re.compile(r"[A-Za-z0-9_-]{15}=")
+# A recipient that stopped reading: past this much unsent data, posts get 429
+# (API Gateway's LimitExceededException), instead of buffering without bound.
+CLIENT_BUFFER_LIMIT = 4 * 1024 * 1024
+
+GOING_AWAY = (1001, "Going away")
+DELETED = (1000, "Connection Closed Normally")
+DROPPED = (1006, "Connection closed abnormally")
+BINARY_REFUSED = (1003, "Binary frames are not supported")
+# On shutdown, how long clients get to answer the close frame before being cut off.
+SHUTDOWN_HANDSHAKE = 1.0
+
+
+@dataclass
+class GatewaySettings:
+    """Everything `python -m local` can configure about the emulated API."""
+
+    stage: str = events.DEFAULT_STAGE
+    api_id: str = events.DEFAULT_API_ID
+    region: str = "us-east-1"
+    idle_timeout: float = 600.0
+    max_duration: float = 7200.0
+    integration_timeout: float = 29.0
+    max_frame_bytes: int = 32 * 1024
+    max_message_bytes: int = 128 * 1024
+    post_latency_ms: float = 0.0
+    fault_gone_rate: float = 0.0
+    fault_throttle_rate: float = 0.0
+    fault_seed: int | None = None
+    verify_sigv4: bool = True
+    # access key id -> secret key: who may call the management API.
+    credentials: dict[str, str] = field(default_factory=dict)
+    static_dir: Path = STATIC_DIR
+    # How long a closing handshake may wait for the client's close frame.
+    close_timeout: float = 5.0
+
+
+# --- Connections ---------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Client:
+    """One connection from the upgrade request to its `$disconnect`."""
+
+    connection: events.Connection
+    query: dict[str, list[str]]
+    ws: web.WebSocketResponse | None = None  # None while $connect runs
+    transport: asyncio.Transport | None = None
+    last_activity: float = 0.0  # loop time, for the idle timeout
+    last_active_at: int = 0  # epoch ms, for GetConnection
+    close_code: int | None = None  # set once the connection is ending
+    close_reason: str = ""
+    report_disconnect: bool = True
+    # The task serving the connection; the gateway interrupts its read to close.
+    task: asyncio.Task[Any] | None = None
+    close_requested: bool = False
+    timers: list[asyncio.TimerHandle] = field(default_factory=list)
+
+    @property
+    def connection_id(self) -> str:
+        return self.connection.connection_id
+
+    def touch(self, now: float) -> None:
+        self.last_activity = now
+        self.last_active_at = events.now_ms()
+
+    def ending(self, code: int, reason: str) -> None:
+        if self.close_code is None:
+            self.close_code, self.close_reason = code, reason
+
+
+class _FrameSizeGuard:
+    """aiohttp limits the size of a message but not of a frame; API Gateway limits
+    both. This sits in front of aiohttp's frame parser and reads only the frame
+    headers going past; a data frame over the limit fails the connection with 1009,
+    as a message over the limit does in aiohttp itself."""
+
+    def __init__(self, parser: Any, queue: Any, max_frame_bytes: int) -> None:
+        self._parser = parser
+        self._queue = queue
+        self._max = max_frame_bytes
+        self._header = b""  # an incomplete frame header carried to the next read
+        self._payload_left = 0  # bytes of the current frame's payload still to come
+        self._failed = False
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self._failed:
+            return False, b""
+        offending = self._scan(data)
+        if offending is None:
+            return self._parser.feed_data(data)
+        start, size = offending
+        self._failed = True
+        if start > 0:
+            self._parser.feed_data(data[:start])
+        self._queue.set_exception(
+            WebSocketError(
+                WSCloseCode.MESSAGE_TOO_BIG,
+                f"Frame of {size} bytes exceeds the {self._max}-byte frame limit",
+            )
+        )
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self._parser.feed_eof()
+
+    def _scan(self, data: bytes) -> tuple[int, int] | None:
+        """(offset in `data` of the oversized frame's header, its size), or None."""
+        position = min(self._payload_left, len(data))
+        self._payload_left -= position
+        carried = len(self._header)
+        buffer = self._header + data[position:] if carried else data
+        base = position - carried  # offset in `data` of buffer[0]
+        if carried:
+            position = 0
+        self._header = b""
+        while position < len(buffer):
+            first, second = (
+                buffer[position],
+                buffer[position + 1] if position + 1 < len(buffer) else None,
+            )
+            if second is None:
+                self._header = buffer[position:]
+                return None
+            length = second & 0x7F
+            header_size = 2 + {126: 2, 127: 8}.get(length, 0) + (4 if second & 0x80 else 0)
+            if len(buffer) - position < header_size:
+                self._header = buffer[position:]
+                return None
+            if length == 126:
+                length = int.from_bytes(buffer[position + 2 : position + 4], "big")
+            elif length == 127:
+                length = int.from_bytes(buffer[position + 2 : position + 10], "big")
+            if first & 0x0F in (0x0, 0x1, 0x2) and length > self._max:
+                return max(0, base + position), length
+            position += header_size
+            available = len(buffer) - position
+            if length > available:
+                self._payload_left = length - available
+                return None
+            position += length
+        return None
+
+
+class _ApiGatewayWebSocket(web.WebSocketResponse):
+    """aiohttp's WebSocket, with API Gateway's frame size limit in front of its parser."""
+
+    def __init__(self, *, max_frame_bytes: int, **options: Any) -> None:
+        super().__init__(**options)
+        self._max_frame_bytes = max_frame_bytes
+
+    def _post_start(self, request: web.BaseRequest, protocol: str | None, writer: Any) -> None:
+        super()._post_start(request, protocol, writer)
+        # The parser was installed just now, with nothing read yet since the 101 left
+        # (no await in between): wrap it before any frame arrives.
+        handler = request.protocol
+        handler._payload_parser = _FrameSizeGuard(  # type: ignore[union-attr]
+            handler._payload_parser,  # type: ignore[union-attr]
+            self._reader,
+            self._max_frame_bytes,
+        )
+
+
+def _error_frame(text: str, connection_id: str, request_id: str) -> str:
+    """API Gateway's error frame, byte for byte: a space only after the first colon."""
+    return (
+        f'{{"message": {json.dumps(text)}, "connectionId":{json.dumps(connection_id)}, '
+        f'"requestId":{json.dumps(request_id)}}}'
+    )
+
+
+def _iso_ms(epoch_ms: int) -> str:
+    moment = datetime.fromtimestamp(epoch_ms / 1000, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
+
+
+def _header(headers: Any, name: str) -> str | None:
+    """A header of a Lambda proxy response, whatever its casing."""
+    if not isinstance(headers, dict):
+        return None
+    for key, value in headers.items():
+        if isinstance(key, str) and key.lower() == name.lower():
+            return str(value)
+    return None
+
+
+# --- The gateway ---------------------------------------------------------------------
+
+
+class Gateway:
+    """The API's state (live connections) and its aiohttp handlers."""
+
+    def __init__(self, settings: GatewaySettings, api: Api, runtime: LambdaRuntime) -> None:
+        self.settings = settings
+        self.routes = api.routes
+        self.two_way_routes = api.two_way_routes
+        self.selector = RouteSelector.build(api.route_selection_expression, api.routes)
+        self.runtime = runtime
+        self.clients: dict[str, Client] = {}
+        self.stopping = False
+        self._random = random.Random(settings.fault_seed)  # noqa: S311 - fault injection, not security
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._connection_tasks: dict[asyncio.Task[Any], Client] = {}
+
+    def application(self) -> web.Application:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        stage_connections = "/{stage}/@connections/{connection_id}"
+        app.router.add_get("/", self.index)
+        if self.settings.static_dir.is_dir():
+            app.router.add_static("/static/", self.settings.static_dir)
+        app.router.add_get("/@local/connections", self.list_connections)
+        app.router.add_post(
+            "/@local/connections/{connection_id}/lose-disconnect", self.lose_disconnect
+        )
+        app.router.add_route("*", "/@connections/{connection_id}", self.management)
+        app.router.add_route("*", stage_connections, self.management)
+        app.router.add_get("/{stage}", self.upgrade)
+        app.router.add_route("*", "/{tail:.*}", self.forbidden)
+        return app
+
+    def _background(self, coroutine: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- 1. Upgrade and $connect -----------------------------------------------------
+
+    async def upgrade(self, request: web.Request) -> web.StreamResponse:
+        if request.match_info["stage"] != self.settings.stage:
+            return await self.forbidden(request)
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return web.Response(
+                status=426, text="Upgrade Required", headers={"Upgrade": "websocket"}
+            )
+        ws = _ApiGatewayWebSocket(
+            max_frame_bytes=self.settings.max_frame_bytes,
+            # aiohttp refuses a message of max_msg_size bytes; API Gateway allows it.
+            max_msg_size=self.settings.max_message_bytes + 1,
+            compress=False,
+            timeout=self.settings.close_timeout,
+        )
+        if not ws.can_prepare(request).ok:
+            return web.Response(status=400, text="Bad WebSocket handshake")
+        if self.stopping:
+            return web.Response(status=503, text="The local stack is shutting down")
+
+        client = Client(
+            connection=events.Connection(
+                source_ip=request.remote or "",
+                user_agent=request.headers.get("User-Agent"),
+                domain_name=request.host,
+                stage=self.settings.stage,
+                api_id=self.settings.api_id,
+            ),
+            query={key: request.query.getall(key) for key in request.query},
+        )
+        task = client.task = asyncio.current_task()
+        if task is not None:
+            self._connection_tasks[task] = client
+        self.clients[client.connection_id] = client
+        try:
+            return await self._serve(client, ws, request)
+        finally:
+            self.clients.pop(client.connection_id, None)
+            if task is not None:
+                self._connection_tasks.pop(task, None)
+
+    async def _serve(
+        self, client: Client, ws: _ApiGatewayWebSocket, request: web.Request
+    ) -> web.StreamResponse:
+        status, protocol = await self._connect(client, request)
+        if not 200 <= status < 300:
+            return web.Response(status=status)
+        if protocol is not None:
+            ws.headers["Sec-WebSocket-Protocol"] = protocol
+        if request.transport is None or request.transport.is_closing():
+            log.info("%s left during $connect; no connection was made", client.connection_id)
+            return web.Response(status=400)
+        await ws.prepare(request)
+        loop = asyncio.get_running_loop()
+        client.ws, client.transport = ws, request.transport
+        client.touch(loop.time())
+        client.timers = [
+            loop.call_later(self.settings.idle_timeout, self._check_idle, client),
+            loop.call_later(self.settings.max_duration, self._close, client, *GOING_AWAY),
+        ]
+        if self.stopping:
+            self._close(client, *GOING_AWAY)
+        try:
+            await self._receive(client, ws)
+        finally:
+            for timer in client.timers:
+                timer.cancel()
+            self.clients.pop(client.connection_id, None)
+        if client.report_disconnect:
+            await self._disconnect(client)
+        return ws
+
+    async def _connect(self, client: Client, request: web.Request) -> tuple[int, str | None]:
+        """Run $connect: (the HTTP status to answer, the subprotocol to echo)."""
+        if "$connect" not in self.routes:
+            return 200, None
+        headers = [
+            (name.decode("utf-8", "replace"), value.decode("utf-8", "replace"))
+            for name, value in request.raw_headers
+        ]
+        query = [(key, value) for key, values in client.query.items() for value in values]
+        event = events.connect(client.connection, query=query, headers=headers)
+        outcome = await self.runtime.invoke(event, wait_seconds=self.settings.integration_timeout)
+        if outcome.timed_out:
+            return 504, None
+        if not outcome.ok:
+            return 502, None
+        result = outcome.result
+        status = result.get("statusCode") if isinstance(result, dict) else None
+        if isinstance(status, str) and status.isdigit():
+            status = int(status)
+        if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
+            log.warning(
+                "$connect returned %r: a Lambda proxy response needs a statusCode (200-599); "
+                "answering 502",
+                result,
+            )
+            return 502, None
+        return status, _header(result.get("headers"), "Sec-WebSocket-Protocol")
+
+    # --- 2. Frames -------------------------------------------------------------------
+
+    async def _receive(self, client: Client, ws: web.WebSocketResponse) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                message = await ws.receive()
+            except asyncio.CancelledError:
+                if not client.close_requested:
+                    raise
+                # _close() interrupted the read: do the closing handshake here, in the
+                # one task that reads this socket, so the client's close frame is awaited.
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                await ws.close(code=client.close_code or 1000, message=client.close_reason.encode())
+                return
+            if message.type is WSMsgType.TEXT:
+                client.touch(loop.time())
+                self._background(self._route(client, message.data))
+            elif message.type is WSMsgType.BINARY:
+                self._close(client, *BINARY_REFUSED)
+            elif message.type is WSMsgType.CLOSE:
+                # The client's close frame (aiohttp has answered it); 0 means it had no code.
+                self.clients.pop(client.connection_id, None)
+                if message.data:
+                    client.ending(message.data, message.extra or "")
+                else:
+                    client.ending(1005, events.NO_STATUS_REASON)
+                return
+            elif message.type is WSMsgType.ERROR:
+                # A protocol error: aiohttp has closed the connection with its code.
+                client.ending(ws.close_code or 1002, str(message.data))
+                return
+            else:  # CLOSING / CLOSED: our own close, or the TCP connection dropped
+                client.ending(*DROPPED)
+                return
+
+    async def _route(self, client: Client, body: str) -> None:
+        route = self.selector.select(body)
+        if route is None:
+            await self._send(
+                client, _error_frame("Forbidden", client.connection_id, events.new_id())
+            )
+            return
+        event = events.message(client.connection, body, route)
+        request_id = event["requestContext"]["requestId"]
+        outcome = await self.runtime.invoke(event, wait_seconds=self.settings.integration_timeout)
+        if outcome.timed_out:
+            await self._send(
+                client, _error_frame("Endpoint request timed out", client.connection_id, request_id)
+            )
+            return
+        reply = self._route_response(route, outcome, client.connection_id, request_id)
+        if reply is not None:
+            await self._send(client, reply)
+
+    def _route_response(
+        self, route: str, outcome: Outcome, connection_id: str, request_id: str
+    ) -> str | None:
+        """The frame a finished invocation sends back, if any."""
+        if not outcome.ok:
+            return _error_frame("Internal server error", connection_id, request_id)
+        if route not in self.two_way_routes:
+            return None
+        result = outcome.result
+        body = result.get("body") if isinstance(result, dict) else None
+        if not isinstance(result, dict) or not isinstance(body, str | None):
+            log.warning(
+                "route %s returned %r: a Lambda proxy response is an object whose body is a "
+                "string; sending 'Internal server error'",
+                route,
+                result,
+            )
+            return _error_frame("Internal server error", connection_id, request_id)
+        return body or ""
+
+    async def _send(self, client: Client, text: str) -> None:
+        ws = client.ws
+        if ws is None or ws.closed:
+            return
+        # The connection may have ended meanwhile; its $disconnect is on its way.
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ws.send_str(text)
+
+    # --- 3. Timeouts and server-side closes ------------------------------------------
+
+    def _check_idle(self, client: Client) -> None:
+        loop = asyncio.get_running_loop()
+        remaining = self.settings.idle_timeout - (loop.time() - client.last_activity)
+        if remaining <= 0:
+            self._close(client, *GOING_AWAY)
+        else:
+            client.timers.append(loop.call_later(remaining, self._check_idle, client))
+
+    def _close(self, client: Client, code: int, reason: str) -> None:
+        """Close a connection from the gateway's side; its $disconnect follows."""
+        if client.close_code is not None or client.ws is None or client.task is None:
+            return
+        client.ending(code, reason)
+        client.close_requested = True
+        self.clients.pop(client.connection_id, None)
+        client.task.cancel()
+
+    def _drop(self, client: Client) -> None:
+        """Cut the TCP connection, without a close frame."""
+        if client.close_code is not None or client.transport is None:
+            return
+        client.ending(*DROPPED)
+        self.clients.pop(client.connection_id, None)
+        client.transport.abort()
+
+    # --- 4. $disconnect --------------------------------------------------------------
+
+    async def _disconnect(self, client: Client) -> None:
+        if "$disconnect" not in self.routes:
+            return
+        code, reason = client.close_code or DROPPED[0], client.close_reason
+        event = events.disconnect(client.connection, code, reason)
+        outcome = await self.runtime.invoke(event, wait_seconds=self.settings.integration_timeout)
+        if not outcome.ok:
+            log.warning(
+                "$disconnect of %s failed: %s", client.connection_id, outcome.error or "timed out"
+            )
+
+    # --- 5. The management API -------------------------------------------------------
+
+    async def management(self, request: web.Request) -> web.Response:
+        stage = request.match_info.get("stage")
+        if stage is not None and stage != self.settings.stage:
+            return _management_error(403, "ForbiddenException", "Forbidden")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _management_error(413, "PayloadTooLargeException", "Request Entity Too Large")
+        if self.settings.verify_sigv4:
+            problem = sigv4.verify(
+                method=request.method,
+                host=request.host,
+                raw_path=request.raw_path,
+                headers=request.headers,
+                body=body,
+                secrets=self.settings.credentials,
+                region=self.settings.region,
+            )
+            if problem is not None:
+                log.warning("refused %s %s: %s", request.method, request.raw_path, problem)
+                return _management_error(403, "ForbiddenException", problem)
+        if self.settings.post_latency_ms > 0:
+            await asyncio.sleep(self.settings.post_latency_ms / 1000)
+        connection_id = request.match_info["connection_id"]
+        if not CONNECTION_ID.fullmatch(connection_id):
+            return _management_error(
+                400, "BadRequestException", f"Invalid connectionId: {connection_id}"
+            )
+        action = {"POST": self._post, "GET": self._get, "DELETE": self._delete}.get(request.method)
+        if action is None:
+            return _management_error(403, "ForbiddenException", "Forbidden")
+        return await action(connection_id, body)
+
+    def _live(self, connection_id: str) -> Client | None:
+        """The connection if posts can reach it: established and not ending."""
+        client = self.clients.get(connection_id)
+        if client is None or client.ws is None or client.close_code is not None:
+            return None
+        return client
+
+    async def _post(self, connection_id: str, data: bytes) -> web.Response:
+        if len(data) > self.settings.max_message_bytes:
+            return _management_error(
+                413,
+                "PayloadTooLargeException",
+                f"Data of {len(data)} bytes is over the limit of {self.settings.max_message_bytes}",
+            )
+        client = self._live(connection_id)
+        if client is None or client.ws is None:
+            return _management_error(410, "GoneException")
+        if self.settings.fault_gone_rate and self._random.random() < self.settings.fault_gone_rate:
+            # As if the connection had died and its $disconnect had been lost: the
+            # caller's 410 handling is all that can clean it up.
+            client.report_disconnect = False
+            self._drop(client)
+            return _management_error(410, "GoneException")
+        if (
+            self.settings.fault_throttle_rate
+            and self._random.random() < self.settings.fault_throttle_rate
+        ):
+            return _management_error(429, "LimitExceededException", "Rate exceeded")
+        if (
+            client.transport is not None
+            and client.transport.get_write_buffer_size() > CLIENT_BUFFER_LIMIT
+        ):
+            return _management_error(
+                429, "LimitExceededException", "The client is not reading: its buffer is full"
+            )
+        client.touch(asyncio.get_running_loop().time())
+        try:
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                # Not text: deliver it unchanged rather than corrupt it.
+                await client.ws.send_bytes(data)
+            else:
+                await client.ws.send_str(text)
+        except (ConnectionError, RuntimeError):
+            return _management_error(410, "GoneException")
+        return _management_response(200)
+
+    async def _get(self, connection_id: str, _: bytes) -> web.Response:
+        client = self._live(connection_id)
+        if client is None:
+            return _management_error(410, "GoneException")
+        connection = client.connection
+        document = {
+            "connectedAt": _iso_ms(connection.connected_at),
+            "identity": connection.identity(),
+            "lastActiveAt": _iso_ms(client.last_active_at),
+        }
+        return _management_response(200, json.dumps(document))
+
+    async def _delete(self, connection_id: str, _: bytes) -> web.Response:
+        client = self._live(connection_id)
+        if client is None:
+            return _management_error(410, "GoneException")
+        self._close(client, *DELETED)
+        return _management_response(204)
+
+    # --- 6. Local controls, the page, everything else --------------------------------
+
+    async def list_connections(self, _: web.Request) -> web.Response:
+        """The live connections (for tests and curious humans)."""
+        document = [
+            {
+                "connectionId": client.connection_id,
+                "connectedAt": client.connection.connected_at,
+                "identity": client.connection.identity(),
+                "query": client.query,
+                "established": client.ws is not None,
+            }
+            for client in self.clients.values()
+        ]
+        return web.json_response(document)
+
+    async def lose_disconnect(self, request: web.Request) -> web.Response:
+        """Make this connection's $disconnect never happen, as it can on AWS: the next
+        broadcast's 410 is then all that can clean the connection up."""
+        client = self.clients.get(request.match_info["connection_id"])
+        if client is None:
+            return web.json_response({"message": "No such connection"}, status=404)
+        client.report_disconnect = False
+        return web.Response(status=204)
+
+    async def index(self, request: web.Request) -> web.StreamResponse:
+        page = self.settings.static_dir / "index.html"
+        if page.is_file():
+            return web.FileResponse(page)
+        return web.Response(
+            text=f"WebSocket API: ws://{request.host}/{self.settings.stage}\n"
+            f"Management API: http://{request.host}/{self.settings.stage}/@connections/{{connectionId}}\n"
+        )
+
+    async def forbidden(self, _: web.Request) -> web.Response:
+        return _management_error(403, "ForbiddenException", "Forbidden")
+
+    # --- Shutdown --------------------------------------------------------------------
+
+    async def shutdown(self, timeout: float) -> None:
+        """Close every connection with 1001 and wait for their $disconnects."""
+        self.stopping = True
+        for client in list(self.clients.values()):
+            self._close(client, *GOING_AWAY)
+        if not self._connection_tasks:
+            return
+        _, closing = await asyncio.wait(list(self._connection_tasks), timeout=SHUTDOWN_HANDSHAKE)
+        # Clients that have not answered the close frame by now are cut off, so their
+        # $disconnects are not held up by a close handshake timing out.
+        for task in closing:
+            client = self._connection_tasks.get(task)
+            if client is not None and client.transport is not None and client.close_requested:
+                client.transport.abort()
+        if closing:
+            await asyncio.wait(closing, timeout=timeout)
+
+
+def _management_response(
+    status: int, body: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    headers = {"x-amzn-RequestId": str(uuid.uuid4()), **(headers or {})}
+    if body is None:
+        return web.Response(status=status, headers=headers)
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+def _management_error(status: int, error_type: str, message: str | None = None) -> web.Response:
+    """An error as API Gateway sends it: botocore reads the code from x-amzn-ErrorType."""
+    body = None if message is None else json.dumps({"message": message})
+    return _management_response(status, body, {"x-amzn-ErrorType": error_type})
