@@ -44,6 +44,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = GatewaySettings()
     add = parser.add_argument
@@ -59,7 +66,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_HANDLER,
         help="the Lambda, as module.function (default: %(default)s)",
     )
-    add("--concurrency", type=int, default=4, help="Lambda workers at most (default: %(default)s)")
+    add("--concurrency", type=_count, default=4, help="most Lambda workers (default: %(default)s)")
     add(
         "--dynamodb",
         default=os.environ.get("AWS_ENDPOINT_URL_DYNAMODB") or "moto",
@@ -107,13 +114,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--max-frame-bytes",
-        type=int,
+        type=_count,
         default=defaults.max_frame_bytes,
         help="largest inbound frame (default: %(default)s)",
     )
     add(
         "--max-message-bytes",
-        type=int,
+        type=_count,
         default=defaults.max_message_bytes,
         help="largest inbound message or post (default: %(default)s)",
     )

@@ -552,7 +552,9 @@ def _exit_description(returncode: int | None) -> str:
     if returncode is None:
         return "unknown"
     if returncode < 0:
-        return f"signal: {signal.Signals(-returncode).name.removeprefix('SIG').lower()}"
+        # Worded as Lambda words it: "signal: killed", "signal: segmentation fault".
+        description = signal.strsignal(-returncode) or f"signal {-returncode}"
+        return f"signal: {description.lower()}"
     return f"exit status {returncode}"
 
 
