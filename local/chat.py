@@ -53,8 +53,11 @@ MESSAGE_LIMIT = 128 * 1024
 BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_CAP_SECONDS = 30.0
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
+# A connection that lasted this long was healthy: the next reconnect starts the backoff over.
+STABLE_CONNECTION_SECONDS = 10.0
 # A keep-alive ping unanswered this long means the connection is dead without
 # having said so (a laptop that slept, a NAT that forgot us): drop it and reconnect.
+# Socket reads and writes are bounded by ping interval + this, so none hangs forever.
 PONG_TIMEOUT_SECONDS = 30.0
 
 # Handshake statuses worth retrying: throttled, or the server side failing.
@@ -287,14 +290,10 @@ class Session:
         self.lock.notify_all()
 
     def keep_alive(self) -> None:
-        """Ping when nothing has moved for `ping_interval`; drop a connection whose
-        keep-alive ping went unanswered. Lock held."""
+        """Ping when nothing has moved for `ping_interval`. (If no answer comes, the
+        socket's timeout ends the connection and it is reopened.) Lock held."""
         now = time.monotonic()
         if self.ws is None:
-            return
-        if self.pings and not self.pings[0][0] and now - self.pings[0][1] > PONG_TIMEOUT_SECONDS:
-            self.terminal.status("no answer to a keep-alive ping; reconnecting")
-            self.ws.abort()
             return
         if now - self.last_data >= self.options.ping_interval and not self.pings:
             try:
@@ -386,8 +385,10 @@ def backoff_delay(attempt: int, cap: float = BACKOFF_CAP_SECONDS) -> float:
     return random.uniform(0, ceiling)  # noqa: S311 - spreading retries, not security
 
 
-def open_socket(url: str) -> websocket.WebSocket:
-    """A connected socket, or HandshakeRefused / OSError / WebSocketException."""
+def open_socket(url: str, silence_limit: float) -> websocket.WebSocket:
+    """A connected socket, or HandshakeRefused / OSError / WebSocketException. Once
+    open, a read or write that waits `silence_limit` seconds fails: a live connection
+    answers a keep-alive ping long before."""
     try:
         ws = websocket.create_connection(url, timeout=HANDSHAKE_TIMEOUT_SECONDS)
     except websocket.WebSocketBadStatusException as error:
@@ -399,11 +400,13 @@ def open_socket(url: str) -> websocket.WebSocket:
         if hint is None and status < 400:
             hint = "not a WebSocket API: the URL's path is the stage, e.g. ws://HOST/local"
         raise HandshakeRefused(f"{reason} ({hint})" if hint else reason) from error
-    ws.settimeout(None)  # wait for frames as long as it takes; keep-alive finds dead links
+    ws.settimeout(silence_limit)
     return ws
 
 
 def describe_error(error: BaseException) -> str:
+    if isinstance(error, websocket.WebSocketTimeoutException):
+        return "timed out: no answer from the server"
     if isinstance(error, websocket.WebSocketBadStatusException):
         return f"HTTP {error.status_code} {error.status_message or ''}".rstrip()
     if isinstance(error, OSError) and error.strerror:
@@ -441,31 +444,33 @@ def run_connection(session: Session) -> None:
 
 
 def connect_and_reconnect(session: Session) -> None:
-    terminal, attempt = session.terminal, 0
+    # Failures in a row: connects that failed, and connections that did not last (a
+    # server accepting then dropping at once must not be hammered), set the backoff.
+    terminal, failures = session.terminal, 0
     while not session.stopping:
         try:
-            ws = open_socket(session.url)
+            ws = open_socket(session.url, session.options.ping_interval + PONG_TIMEOUT_SECONDS)
         except HandshakeRefused as refusal:
             with session.lock:
                 session.fatal = f"the server refused the connection: {refusal}"
                 session.lock.notify_all()
             return
         except SOCKET_ERRORS as error:
-            attempt += 1
-            if not session.ever_connected and attempt >= session.options.connect_attempts:
+            failures += 1
+            if not session.ever_connected and failures >= session.options.connect_attempts:
                 with session.lock:
                     session.fatal = (
                         f"cannot reach {redacted(session.url)}: {describe_error(error)} "
-                        f"(after {attempt} attempts)"
+                        f"(after {failures} attempts)"
                     )
                     session.lock.notify_all()
                 return
-            delay = backoff_delay(attempt - 1, session.options.max_backoff)
+            delay = backoff_delay(failures - 1, session.options.max_backoff)
             terminal.status(f"cannot connect ({describe_error(error)}); retrying in {delay:.1f} s")
             with session.lock:
                 session.lock.wait_for(lambda: session.stopping, timeout=delay)
             continue
-        attempt = 0
+        opened_at = time.monotonic()
         with session.lock:
             if session.stopping:
                 ws.close(timeout=1)
@@ -482,7 +487,9 @@ def connect_and_reconnect(session: Session) -> None:
             session.lock.notify_all()
             if session.stopping:
                 return
-        delay = backoff_delay(0, session.options.max_backoff)
+        lasted = time.monotonic() - opened_at
+        failures = 1 if lasted >= STABLE_CONNECTION_SECONDS else failures + 1
+        delay = backoff_delay(failures - 1, session.options.max_backoff)
         terminal.status(f"connection closed ({ending}); reconnecting in {delay:.1f} s")
         with session.lock:
             session.lock.wait_for(lambda: session.stopping, timeout=delay)
