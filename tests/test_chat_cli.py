@@ -3,8 +3,11 @@ local stack running the real Lambda, over real WebSockets."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
+import os
 import re
 import socket
 import subprocess
@@ -310,6 +313,63 @@ def test_keep_alive_pings_hold_an_idle_connection_open(stack_factory, chats, roo
     assert not any("connection closed" in line for line in alice.err)
     assert alice.finish() == 0
     assert alice.out == []  # keep-alive pongs are not printed
+
+
+class SilentServer:
+    """Completes WebSocket handshakes, then never sends a byte: a peer that died
+    without closing (a laptop that slept, a NAT that forgot the connection)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"ws://127.0.0.1:{self.listener.getsockname()[1]}/local"
+        self.held: list[socket.socket] = []  # open, and silent
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += connection.recv(4096)
+            key = re.search(rb"(?i)sec-websocket-key: *(\S+)", request)[1]
+            # RFC 6455 fixes SHA-1 for Sec-WebSocket-Accept; it protects nothing here.
+            accept = key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+            digest = hashlib.sha1(accept, usedforsecurity=False).digest()
+            connection.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+                + base64.b64encode(digest)
+                + b"\r\n\r\n"
+            )
+            self.held.append(connection)
+
+    def close(self) -> None:
+        self.listener.close()
+        for connection in self.held:
+            connection.close()
+
+
+def test_a_connection_that_goes_silent_is_reopened(monkeypatch):
+    monkeypatch.setattr(chat, "PONG_TIMEOUT_SECONDS", 0.5)
+    server = SilentServer()
+    read_end, write_end = os.pipe()
+    err = io.StringIO()
+    options = chat.ChatOptions(url=server.url, ping_interval=0.2, max_backoff=0.2)
+    with open(read_end) as stdin:
+        ending = threading.Thread(
+            target=chat.chat, args=(options, stdin, chat.Terminal(io.StringIO(), err))
+        )
+        ending.start()
+
+        wait_for(lambda: len(server.held) >= 2, timeout=15, what="a second connection")
+
+        os.close(write_end)
+        ending.join(30)
+    server.close()
+    assert "chat: connection closed (timed out: no answer from the server)" in err.getvalue()
 
 
 def test_a_bad_room_is_refused_with_the_http_status_and_exit_1(lambda_stack, chats):
