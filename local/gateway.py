@@ -95,7 +95,7 @@ class Client:
     """One connection from the upgrade request to its `$disconnect`."""
 
     connection: events.Connection
-    query: dict[str, list[str]]
+    query: list[tuple[str, str]]  # the query string's pairs, in order
     ws: web.WebSocketResponse | None = None  # None while $connect runs
     transport: asyncio.Transport | None = None
     last_activity: float = 0.0  # loop time, for the idle timeout
@@ -157,41 +157,46 @@ class _FrameSizeGuard:
         self._parser.feed_eof()
 
     def _scan(self, data: bytes) -> tuple[int, int] | None:
-        """(offset in `data` of the oversized frame's header, its size), or None."""
-        position = min(self._payload_left, len(data))
-        self._payload_left -= position
-        carried = len(self._header)
-        buffer = self._header + data[position:] if carried else data
-        base = position - carried  # offset in `data` of buffer[0]
-        if carried:
-            position = 0
-        self._header = b""
+        """Follow the frame boundaries through `data`: (the offset in `data` where a data
+        frame over the limit starts, its size), or None when there is none."""
+        skip = min(self._payload_left, len(data))  # the rest of the last frame's payload
+        self._payload_left -= skip
+        if self._payload_left:
+            return None  # all of `data` was payload
+        carried, self._header = self._header, b""  # a header split across two reads
+        buffer = carried + data[skip:] if carried or skip else data
+        buffer_start = skip - len(carried)  # where buffer[0] is in `data`
+        position = 0
         while position < len(buffer):
-            first, second = (
-                buffer[position],
-                buffer[position + 1] if position + 1 < len(buffer) else None,
-            )
-            if second is None:
+            header = _frame_header(buffer, position)
+            if header is None:
                 self._header = buffer[position:]
                 return None
-            length = second & 0x7F
-            header_size = 2 + {126: 2, 127: 8}.get(length, 0) + (4 if second & 0x80 else 0)
-            if len(buffer) - position < header_size:
-                self._header = buffer[position:]
-                return None
-            if length == 126:
-                length = int.from_bytes(buffer[position + 2 : position + 4], "big")
-            elif length == 127:
-                length = int.from_bytes(buffer[position + 2 : position + 10], "big")
-            if first & 0x0F in (0x0, 0x1, 0x2) and length > self._max:
-                return max(0, base + position), length
-            position += header_size
-            available = len(buffer) - position
-            if length > available:
-                self._payload_left = length - available
-                return None
-            position += length
+            opcode, size, header_size = header
+            if opcode in _DATA_OPCODES and size > self._max:
+                return max(0, buffer_start + position), size
+            position += header_size + size
+        self._payload_left = position - len(buffer)
         return None
+
+
+_DATA_OPCODES = frozenset({0x0, 0x1, 0x2})  # continuation, text, binary
+
+
+def _frame_header(buffer: bytes, position: int) -> tuple[int, int, int] | None:
+    """(opcode, payload size, header size) of the frame at `position` (RFC 6455 5.2),
+    or None when its header is not all there yet."""
+    if len(buffer) - position < 2:
+        return None
+    first, second = buffer[position], buffer[position + 1]
+    size = second & 0x7F
+    extended = {126: 2, 127: 8}.get(size, 0)
+    header_size = 2 + extended + (4 if second & 0x80 else 0)
+    if len(buffer) - position < header_size:
+        return None
+    if extended:
+        size = int.from_bytes(buffer[position + 2 : position + 2 + extended], "big")
+    return first & 0x0F, size, header_size
 
 
 class _ApiGatewayWebSocket(web.WebSocketResponse):
@@ -305,7 +310,7 @@ class Gateway:
                 stage=self.settings.stage,
                 api_id=self.settings.api_id,
             ),
-            query={key: request.query.getall(key) for key in request.query},
+            query=list(request.query.items()),
         )
         task = client.task = asyncio.current_task()
         if task is not None:
@@ -357,8 +362,7 @@ class Gateway:
             (name.decode("utf-8", "replace"), value.decode("utf-8", "replace"))
             for name, value in request.raw_headers
         ]
-        query = [(key, value) for key, values in client.query.items() for value in values]
-        event = events.connect(client.connection, query=query, headers=headers)
+        event = events.connect(client.connection, query=client.query, headers=headers)
         outcome = await self.runtime.invoke(event, wait_seconds=self.settings.integration_timeout)
         if outcome.timed_out:
             return 504, None
@@ -613,7 +617,7 @@ class Gateway:
                 "connectionId": client.connection_id,
                 "connectedAt": client.connection.connected_at,
                 "identity": client.connection.identity(),
-                "query": client.query,
+                "query": {key: [v for k, v in client.query if k == key] for key, _ in client.query},
                 "established": client.ws is not None,
             }
             for client in self.clients.values()

@@ -507,7 +507,7 @@ class LambdaRuntime:
         seconds = self.settings.timeout_seconds
         message = f"Task timed out after {seconds:.2f} seconds"
         print(f"{_utc_now()} {request_id} {message}", flush=True)
-        return self._failed(request_id, started, "timeout", "Sandbox.Timedout", message)
+        return self._failed(worker, request_id, started, "timeout", "Sandbox.Timedout", message)
 
     async def _died(self, worker: _Worker, request_id: str, started: float) -> Outcome:
         worker.alive = False
@@ -516,10 +516,16 @@ class LambdaRuntime:
         how = _exit_description(worker.process.returncode)
         message = f"RequestId: {request_id} Error: Runtime exited with error: {how}"
         print(f"{message}\nRuntime.ExitError", flush=True)
-        return self._failed(request_id, started, "error", "Runtime.ExitError", message)
+        return self._failed(worker, request_id, started, "error", "Runtime.ExitError", message)
 
     def _failed(
-        self, request_id: str, started: float, status: str, error_type: str, message: str
+        self,
+        worker: _Worker,
+        request_id: str,
+        started: float,
+        status: str,
+        error_type: str,
+        message: str,
     ) -> Outcome:
         duration_ms = (time.perf_counter() - started) * 1000
         report = {
@@ -528,6 +534,7 @@ class LambdaRuntime:
             "billedDurationMs": max(1, math.ceil(duration_ms)),
             "memorySizeMb": self.settings.memory_size_mb,
             "maxMemoryUsedMb": 0,
+            "workerPid": worker.pid,
             "status": status,
             "errorType": error_type,
         }

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import urllib.request
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +21,15 @@ from tests.local_harness import (
 )
 
 ID = re.compile(r"^[A-Za-z0-9_-]{15}=$")
+
+
+def test_the_root_serves_the_page_in_local_static(scripted: Any) -> None:
+    stack, _ = scripted
+    page = Path(__file__).resolve().parent.parent / "local" / "static" / "index.html"
+    if not page.exists():
+        pytest.skip("no local/static/index.html to serve")
+    with urllib.request.urlopen(stack.http_url + "/", timeout=10) as response:  # noqa: S310 - loopback
+        assert response.read() == page.read_bytes()
 
 
 def test_a_plain_get_on_the_stage_answers_426(scripted: Any) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from typing import Any
 
+import psutil
 import pytest
 
 from local import stack as local_stack
@@ -38,7 +39,9 @@ def test_a_killed_worker_answers_internal_server_error_and_is_replaced(scripted:
     ws = connect(stack.ws_url)
     frame = ERROR_FRAME.match(ask(ws, {"do": "crash"}))
     assert frame is not None and frame["text"] == "Internal server error"
-    assert json.loads(ask(ws, {"do": "whoami"}))["pid"] > 0
+    killed = [r for r in stack.reports() if r.get("errorType") == "Runtime.ExitError"][-1]
+    assert not psutil.pid_exists(killed["workerPid"])
+    assert json.loads(ask(ws, {"do": "whoami"}))["pid"] != killed["workerPid"]
     assert "Runtime exited with error: signal: killed" in stack.log()
 
 
