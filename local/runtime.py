@@ -153,6 +153,12 @@ def _print_error(error: dict[str, Any]) -> None:
 
 def worker_main(config: dict[str, Any]) -> None:
     """Serve invocations until the gateway closes the channel."""
+    # Without the gateway (stopping, or killed) there is nothing left to serve.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        _serve_invocations(config)
+
+
+def _serve_invocations(config: dict[str, Any]) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the gateway stops the
     # workers itself, after their last $disconnect has run.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -324,6 +330,7 @@ class LambdaRuntime:
         self.settings = settings
         self._idle: asyncio.Queue[_Worker | None] = asyncio.Queue()
         self._workers: set[_Worker] = set()
+        self._processes: set[asyncio.subprocess.Process] = set()  # started, until they exit
         self._starting = 0
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -362,16 +369,15 @@ class LambdaRuntime:
         """Close every worker's channel (they exit at EOF), then make sure they are gone."""
         self._stopping = True
         for task in list(self._tasks):
-            task.cancel()
-        workers = list(self._workers)
-        for worker in workers:
+            task.cancel()  # a worker still starting is killed (see _spawn)
+        for worker in list(self._workers):
             worker.writer.close()
-        for worker in workers:
+        for process in list(self._processes):
             try:
-                await asyncio.wait_for(worker.process.wait(), 3)
+                await asyncio.wait_for(process.wait(), 3)
             except TimeoutError:
-                worker.process.kill()
-                await worker.process.wait()
+                process.kill()
+                await process.wait()
         if self._report_file is not None:
             self._report_file.close()
 
@@ -444,15 +450,21 @@ class LambdaRuntime:
             )
         finally:
             child_end.close()
-        reader, writer = await asyncio.open_unix_connection(sock=parent_end, limit=_CHANNEL_LIMIT)
+        self._processes.add(process)
+        process_exited = asyncio.ensure_future(process.wait())
+        process_exited.add_done_callback(lambda _: self._processes.discard(process))
         try:
+            reader, writer = await asyncio.open_unix_connection(
+                sock=parent_end, limit=_CHANNEL_LIMIT
+            )
             hello = await asyncio.wait_for(reader.readline(), _INIT_TIMEOUT_SECONDS)
-        except TimeoutError:
-            hello = b""
+        except BaseException:  # cancelled by stop(), or timed out
+            process.kill()
+            raise
         if not hello:
             process.kill()
-            await process.wait()
             writer.close()
+            await process_exited
             raise HandlerInitError(
                 f"the Lambda worker exited during init (exit status {process.returncode})"
             )

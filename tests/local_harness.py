@@ -5,6 +5,7 @@ handler (tests/handlers/scripted.py) recorded."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 import uuid
@@ -116,6 +117,9 @@ class StackFactory:
         return started, Recording(record)
 
     def stop_all(self) -> None:
+        for started in self.stacks:  # all at once: each takes a second or two to close
+            if started.process.poll() is None:
+                started.process.send_signal(signal.SIGTERM)
         for started in self.stacks:
             started.stop()
             started.cleanup()
