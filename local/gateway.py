@@ -337,6 +337,9 @@ class Gateway:
         await ws.prepare(request)
         loop = asyncio.get_running_loop()
         client.ws, client.transport = ws, request.transport
+        # Let sends buffer up to past the limit instead of waiting for the client: a
+        # post to a client that does not read gets 429 at once, never hangs.
+        request.transport.set_write_buffer_limits(high=2 * CLIENT_BUFFER_LIMIT)
         client.touch(loop.time())
         client.timers = [
             loop.call_later(self.settings.idle_timeout, self._check_idle, client),

@@ -4,6 +4,7 @@ the exact answer matters)."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,6 +29,19 @@ def test_posts_arrive_as_text_frames_in_order(scripted: Any) -> None:
     frames = [ws.recv_data_frame()[0:2] for _ in range(50)]
     assert [opcode for opcode, _ in frames] == [websocket.ABNF.OPCODE_TEXT] * 50
     assert [frame.data.decode() for _, frame in frames] == [f"message {n}" for n in range(50)]
+
+
+def test_posts_to_a_client_that_does_not_read_are_refused_with_429_not_held(scripted: Any) -> None:
+    stack, _ = scripted
+    ws = connect(stack.ws_url, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024),))
+    connection_id = who_am_i(ws)
+    client = stack.management_client(retries={"total_max_attempts": 1}, read_timeout=10)
+    accepted = 0
+    with pytest.raises(client.exceptions.LimitExceededException):
+        for _ in range(400):  # 50 MB: far more than the socket buffers and the gateway's 4 MB
+            client.post_to_connection(ConnectionId=connection_id, Data=b"x" * 128 * 1024)
+            accepted += 1
+    assert sum(len(ws.recv()) for _ in range(accepted)) == accepted * 128 * 1024
 
 
 def test_a_post_to_an_unknown_connection_raises_gone(scripted: Any) -> None:
