@@ -331,10 +331,17 @@ class Gateway:
             return web.Response(status=status)
         if protocol is not None:
             ws.headers["Sec-WebSocket-Protocol"] = protocol
-        if request.transport is None or request.transport.is_closing():
-            log.info("%s left during $connect; no connection was made", client.connection_id)
+        try:
+            if request.transport is None or request.transport.is_closing():
+                raise ConnectionResetError
+            await ws.prepare(request)
+        except ConnectionError:
+            # The client left while $connect ran, which may have stored the connection:
+            # its $disconnect lets the handler forget it.
+            log.info("%s left during $connect", client.connection_id)
+            client.ending(*DROPPED)
+            await self._disconnect(client)
             return web.Response(status=400)
-        await ws.prepare(request)
         loop = asyncio.get_running_loop()
         client.ws, client.transport = ws, request.transport
         # Let sends buffer up to past the limit instead of waiting for the client: a

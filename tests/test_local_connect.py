@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import urllib.request
 import uuid
 from pathlib import Path
@@ -97,6 +98,17 @@ def test_a_post_to_a_connection_still_in_connect_is_gone(scripted: Any) -> None:
     ws.close()
     outcomes = wait_for(lambda: recording.entries("post_self"), what="the handler's own post")
     assert outcomes[-1]["outcome"] == "GoneException"
+
+
+def test_a_client_that_leaves_during_connect_gets_a_disconnect(scripted: Any) -> None:
+    stack, recording = scripted
+    tag = uuid.uuid4().hex
+    host, port = stack.http_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        request = upgrade_request(stack.http_url, f"/local?sleep=0.5&tag={tag}")
+        sock.sendall(("\r\n".join(request) + "\r\n\r\n").encode())
+        connection_id = recording.connect_tagged(tag)["event"]["requestContext"]["connectionId"]
+    assert recording.disconnect_of(connection_id)["requestContext"]["disconnectStatusCode"] == 1006
 
 
 def test_the_connect_event_is_shaped_like_api_gateways(scripted: Any) -> None:

@@ -10,6 +10,7 @@ $connect, from the query string:
   raise=1       raise an exception
   post_self=1   post to its own connection id (still in $connect) and record the outcome
   result=none   return None instead of a response object
+  sleep=S       take S seconds
 
 message routes, from the frame's JSON `do`:
   "whoami"      reply {"connectionId", "requestId", "pid"}
@@ -81,6 +82,7 @@ def handler(event: dict[str, Any], context: Any) -> Any:
 
 def connect(event: dict[str, Any]) -> Any:
     query = event.get("queryStringParameters") or {}
+    time.sleep(float(query.get("sleep", 0)))
     if query.get("raise"):
         raise RuntimeError("refused by the test")
     if query.get("post_self"):
