@@ -10,6 +10,7 @@ from typing import Any
 
 import psutil
 import pytest
+import websocket
 
 from local import stack as local_stack
 from tests.local_harness import connect, wait_for, who_am_i
@@ -115,13 +116,26 @@ def test_workers_start_on_demand_up_to_the_concurrency(stack_factory: Any) -> No
     assert len(pids) == 2
 
 
-def test_past_the_integration_timeout_the_client_gets_endpoint_request_timed_out(
-    stack_factory: Any,
+@pytest.fixture(scope="module")
+def impatient(stack_factory: Any) -> Any:
+    """A stack whose gateway waits half a second for the handler."""
+    return stack_factory(integration_timeout=0.5)
+
+
+def test_past_the_integration_timeout_a_frame_gets_endpoint_request_timed_out(
+    impatient: Any,
 ) -> None:
-    stack, _ = stack_factory(integration_timeout=0.5)
+    stack, _ = impatient
     ws = connect(stack.ws_url)
     frame = ERROR_FRAME.match(ask(ws, {"do": "sleep", "seconds": 1.5}))
     assert frame is not None and frame["text"] == "Endpoint request timed out"
+
+
+def test_past_the_integration_timeout_a_handshake_gets_504(impatient: Any) -> None:
+    stack, _ = impatient
+    with pytest.raises(websocket.WebSocketBadStatusException) as rejected:
+        connect(stack.ws_url + "?sleep=1.5")
+    assert rejected.value.status_code == 504
 
 
 def test_past_the_function_timeout_the_worker_is_stopped(stack_factory: Any) -> None:
