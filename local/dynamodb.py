@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import glob
 import logging
-import os
 import shutil
 import socket
 import subprocess
@@ -53,29 +52,36 @@ class DynamoDB:
             stop(self.process)
 
 
-def client(endpoint: str, region: str, credentials: dict[str, str]) -> Any:
+def client(endpoint: str, region: str, credentials: dict[str, str], attempts: int = 3) -> Any:
     return boto3.client(
         "dynamodb",
         endpoint_url=endpoint,
         region_name=region,
         aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"],
-        config=Config(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=2),
+        config=Config(
+            retries={"mode": "standard", "total_max_attempts": attempts}, connect_timeout=2
+        ),
     )
 
 
-def start(spec: str, *, region: str, credentials: dict[str, str]) -> DynamoDB:
-    """Start (or reach) the DynamoDB that `--dynamodb` names and wait until it answers."""
+def launch(spec: str) -> DynamoDB:
+    """Start the DynamoDB that `--dynamodb` names, without waiting for it: its
+    endpoint is known at once, so the stack starts its Lambda meanwhile."""
     if spec == "moto":
-        database = _start_moto()
-    elif spec == "local":
-        database = _start_dynamodb_local()
-    elif spec.startswith(("http://", "https://")):
-        database = DynamoDB("url", spec.rstrip("/"))
-    else:
-        raise DynamoDBError(f"--dynamodb takes moto, local or an http(s):// URL, not {spec!r}")
+        return _launch_moto()
+    if spec == "local":
+        return _launch_dynamodb_local()
+    if spec.startswith(("http://", "https://")):
+        return DynamoDB("url", spec.rstrip("/"))
+    raise DynamoDBError(f"--dynamodb takes moto, local or an http(s):// URL, not {spec!r}")
+
+
+def start(spec: str, *, region: str, credentials: dict[str, str]) -> DynamoDB:
+    """launch() and wait until it answers."""
+    database = launch(spec)
     try:
-        _wait_until_ready(database, region, credentials)
+        wait_until_ready(database, region, credentials)
     except BaseException:
         database.stop()
         raise
@@ -105,34 +111,29 @@ def ensure_table(
 # --- moto --------------------------------------------------------------------------
 
 
-def _start_moto() -> DynamoDB:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "local.dynamodb", "serve-moto"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
+def _launch_moto() -> DynamoDB:
+    port = _free_port()
+    output = tempfile.TemporaryFile()  # noqa: SIM115 - kept open for the server's lifetime
+    process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "local.dynamodb", "serve-moto", str(port)],
+        stdin=subprocess.PIPE,  # never written: it reads EOF when the stack is gone
+        stdout=output,
+        stderr=subprocess.STDOUT,
         cwd=PROJECT_ROOT,
         start_new_session=True,
         preexec_fn=die_with_parent,
     )
-    assert process.stdout is not None  # noqa: S101 - stdout=PIPE above
-    line = process.stdout.readline().decode().strip()
-    if not line.isdigit():
-        stop(process)
-        raise DynamoDBError(f"moto's server did not start: {line or 'no output'}")
-    return DynamoDB("moto", f"http://127.0.0.1:{line}", process)
+    return DynamoDB("moto", f"http://127.0.0.1:{port}", process, output)
 
 
-def _serve_moto() -> None:
-    """Run moto's server on a free port, print the port, and stop when the stack
-    closes our stdin (or dies: then stdin reads EOF too)."""
+def _serve_moto(port: int) -> None:
+    """Run moto's server on `port` until the stack closes our stdin (or dies: then
+    stdin reads EOF too)."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    print(server.get_host_and_port()[1], flush=True)
-    # Nobody reads our stdout any more: a full pipe must never block the server.
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.stdin.read()
     server.stop()
 
@@ -182,7 +183,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _start_dynamodb_local() -> DynamoDB:
+def _launch_dynamodb_local() -> DynamoDB:
     java = shutil.which("java")
     if java is None:
         raise DynamoDBError(
@@ -212,8 +213,9 @@ def _start_dynamodb_local() -> DynamoDB:
     return DynamoDB("local", f"http://127.0.0.1:{port}", process, output)
 
 
-def _wait_until_ready(database: DynamoDB, region: str, credentials: dict[str, str]) -> None:
-    dynamodb = client(database.endpoint, region, credentials)
+def wait_until_ready(database: DynamoDB, region: str, credentials: dict[str, str]) -> None:
+    """Poll until the endpoint answers; a server that exits meanwhile is an error."""
+    dynamodb = client(database.endpoint, region, credentials, attempts=1)
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     while True:
         if database.process is not None and database.process.poll() is not None:
@@ -236,5 +238,5 @@ def _output_of(database: DynamoDB) -> str:
     return database.output.read().decode(errors="replace").strip()[-2000:]
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["serve-moto"]:
-    _serve_moto()
+if __name__ == "__main__" and sys.argv[1:2] == ["serve-moto"]:
+    _serve_moto(int(sys.argv[2]))

@@ -1,8 +1,9 @@
 """`python -m local serve`: DynamoDB, the Lambda runtime and the gateway, started
 and stopped in the right order.
 
-Start: DynamoDB (and the table), then the listening socket (its port goes into
-the handler's CALLBACK_URL), then the first Lambda worker, then the gateway.
+Start: the listening socket (its port goes into the handler's CALLBACK_URL),
+then DynamoDB and, while it boots, the first Lambda worker; then the table,
+then the gateway.
 Stop (Ctrl-C or SIGTERM): every connection is closed with 1001 and its
 $disconnect runs while the workers and DynamoDB are still up; then the
 gateway, the workers and DynamoDB stop, leaving no process behind.
@@ -114,20 +115,26 @@ def serve(options: ServeOptions) -> None:
     try:
         # Started from the main thread: children are told to die with the thread
         # that started them (see processes.die_with_parent).
-        database = dynamodb.start(options.dynamodb, region=REGION, credentials=CREDENTIALS)
+        database = dynamodb.launch(options.dynamodb)
         try:
-            dynamodb.ensure_table(
-                database,
-                options.table_name,
-                region=REGION,
-                credentials=CREDENTIALS,
-                template_document=template_document,
-            )
             asyncio.run(_serve(options, template_document, sock, database))
         finally:
             database.stop()
     finally:
         sock.close()
+
+
+def _prepare_table(
+    database: dynamodb.DynamoDB, table_name: str, template_document: dict[str, Any]
+) -> None:
+    dynamodb.wait_until_ready(database, REGION, CREDENTIALS)
+    dynamodb.ensure_table(
+        database,
+        table_name,
+        region=REGION,
+        credentials=CREDENTIALS,
+        template_document=template_document,
+    )
 
 
 async def _serve(
@@ -173,7 +180,11 @@ async def _serve(
                 report_file=options.report_file,
             )
         )
-        await runtime.start()
+        # DynamoDB boots while the first Lambda worker imports the handler.
+        await asyncio.gather(
+            asyncio.to_thread(_prepare_table, database, options.table_name, template_document),
+            runtime.start(),
+        )
         gateway = Gateway(settings, api, runtime)
         runner = web.AppRunner(gateway.application(), access_log=None, handle_signals=False)
         await runner.setup()
