@@ -283,6 +283,9 @@ def default(event: Event) -> Response:
             problem = "the frame has no action"
         elif not isinstance(action, str):
             problem = "action must be a string"
+        elif action in ROUTES:
+            # API Gateway could not read the action itself, though this parser can.
+            problem = f"the frame could not be routed to {action!r}: is it nested too deeply?"
         else:
             problem = f"unknown action {action[:64]!r}"
     return error_reply(event, 400, problem)

@@ -126,7 +126,7 @@ class RouteSelector:
         """The expression's value for this frame; None when the frame is not a JSON object."""
         try:
             document = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
             return None
         if not isinstance(document, dict):
             return None

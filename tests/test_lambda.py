@@ -555,6 +555,12 @@ def test_default_route_explains_the_problem_and_lists_valid_actions(handler, bod
     assert reply["validActions"] == ["message", "ping"]
 
 
+def test_a_valid_action_that_reached_default_is_explained(handler):
+    connection = connect(handler, "lobby")
+    reply = send(handler, connection, {"action": "message", "messageBody": 1}, route_key="$default")
+    assert reply["status"] == 400 and "could not be routed to 'message'" in reply["error"]
+
+
 def test_a_route_key_the_function_does_not_know_goes_to_default(handler):
     connection = connect(handler, "lobby")
     reply = send(handler, connection, '{"action": "chat"}', route_key="chat")

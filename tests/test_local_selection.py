@@ -27,6 +27,11 @@ def test_a_frame_that_is_not_json_goes_to_default() -> None:
     assert select("hello") == "$default"
 
 
+def test_json_nested_deeper_than_python_parses_goes_to_default() -> None:
+    depth = 16_000
+    assert select('{"action":"message","x":' + "[" * depth + "]" * depth + "}") == "$default"
+
+
 def test_json_that_is_not_an_object_goes_to_default() -> None:
     assert select('["message"]') == "$default"
 
