@@ -48,8 +48,12 @@ class DynamoDB:
     output: IO[bytes] | None = None  # what the server printed, for error messages
 
     def stop(self) -> None:
-        if self.process is not None:
-            stop(self.process)
+        if self.process is None:
+            return
+        if self.kind == "local" and self.process.poll() is None:
+            # In memory, nothing to save: the JVM's shutdown hooks would only take seconds.
+            self.process.kill()
+        stop(self.process)
 
 
 def client(endpoint: str, region: str, credentials: dict[str, str], attempts: int = 3) -> Any:
