@@ -110,6 +110,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 def serve(options: ServeOptions) -> None:
     """Run the stack until Ctrl-C or SIGTERM."""
+    # The gateway answers Sec-WebSocket-Protocol itself, from the handler's response;
+    # aiohttp's own negotiation, unused, would warn about every client that offers one.
+    logging.getLogger("aiohttp.websocket").setLevel(logging.ERROR)
     template_document = template.load(options.template)
     sock = listen(options.host, options.port)
     try:
