@@ -430,6 +430,17 @@ class Gateway:
                 return
 
     async def _route(self, client: Client, body: str) -> None:
+        """Route one frame; whatever goes wrong, the client hears about it, as from
+        API Gateway, rather than waiting for a reply that never comes."""
+        try:
+            await self._route_frame(client, body)
+        except Exception:
+            log.exception("routing a frame of %s failed", client.connection_id)
+            error = _error_frame("Internal server error", client.connection_id, events.new_id())
+            with contextlib.suppress(Exception):
+                await self._send(client, error)
+
+    async def _route_frame(self, client: Client, body: str) -> None:
         route = self.selector.select(body)
         if route is None:
             await self._send(
