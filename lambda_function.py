@@ -57,7 +57,7 @@ FANOUT_CONCURRENCY = int(os.environ.get("FANOUT_CONCURRENCY", "32"))
 # Empty: built from each event's apiId and stage (see `callback_url`).
 CALLBACK_URL = os.environ.get("CALLBACK_URL", "")
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO").upper()
-AWS_REGION = os.environ.get("AWS_REGION", "us-east-1")
+AWS_REGION = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 # "none": open rooms. "token": $connect needs ?token=, signed with the secret
 # stored in Secrets Manager under AUTH_SECRET_ARN (see `mint_room_token`).
 AUTH_MODE = os.environ.get("AUTH_MODE", "none")
@@ -105,6 +105,7 @@ DYNAMODB_ACTIONS = {
 # 29-second integration timeout, with a clear error to the client.
 dynamodb = boto3.client(
     "dynamodb",
+    region_name=AWS_REGION,
     config=Config(
         connect_timeout=2,
         read_timeout=5,
@@ -117,9 +118,9 @@ dynamodb = boto3.client(
 auth_secret_cache: list[bytes] = []
 auth_secret_lock = threading.Lock()
 
-# Credentials for signing management API calls, resolved once (the standard
-# chain: in Lambda, the function role's keys from the environment).
-credentials = boto3.Session().get_credentials()
+# Credentials for signing management API calls, from the standard chain (in
+# Lambda, the function role's keys in the environment), resolved on first use.
+credentials_cache: list[Any] = []
 
 
 class ManagementApi(NamedTuple):
@@ -436,7 +437,9 @@ def auth_secret() -> bytes:
         with auth_secret_lock:
             if not auth_secret_cache:
                 secrets = boto3.client(
-                    "secretsmanager", config=Config(connect_timeout=2, read_timeout=5)
+                    "secretsmanager",
+                    region_name=AWS_REGION,
+                    config=Config(connect_timeout=2, read_timeout=5),
                 )
                 value = secrets.get_secret_value(SecretId=AUTH_SECRET_ARN)["SecretString"]
                 auth_secret_cache.append(value.encode())
@@ -547,9 +550,7 @@ def broadcast(room: str, sender: str, payload: bytes, api: ManagementApi) -> Cou
     while the next page is read. Recipients answering 410 Gone are deleted in
     this same invocation. One failure never stops the others.
     """
-    outgoing = Outgoing(
-        api, payload, hashlib.sha256(payload).hexdigest(), credentials.get_frozen_credentials()
-    )
+    outgoing = Outgoing(api, payload, hashlib.sha256(payload).hexdigest(), signing_keys())
     posts = []
     for page in room_pages(room):
         posts += [
@@ -670,6 +671,14 @@ def signed_headers(outgoing: Outgoing, path: str) -> dict[str, str]:
         f"SignedHeaders={signed_names}, Signature={signature}"
     )
     return headers
+
+
+def signing_keys() -> Any:
+    """The current access key, secret and session token (refreshed by botocore when
+    they are temporary and about to expire)."""
+    if not credentials_cache:
+        credentials_cache.append(boto3.Session().get_credentials())
+    return credentials_cache[0].get_frozen_credentials()
 
 
 @functools.lru_cache(maxsize=8)

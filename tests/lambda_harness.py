@@ -25,7 +25,7 @@ def handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         import lambda_function
 
         template.create_table(boto3.client("dynamodb"), lambda_function.TABLE_NAME)
-        keys = lambda_function.credentials.get_frozen_credentials()
+        keys = lambda_function.signing_keys()
         api = ManagementApi(secrets={keys.access_key: keys.secret_key})
         server = serve(api)
         monkeypatch.setattr(lambda_function, "CALLBACK_URL", api.url)

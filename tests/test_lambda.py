@@ -306,7 +306,7 @@ def test_posts_carry_a_sigv4_signature_botocore_accepts(handler):
     # The scripted endpoint answers 403 to any signature botocore's arithmetic rejects.
     assert reply["delivered"] == 1
     (post,) = handler.api.posts
-    keys = handler.credentials.get_frozen_credentials()
+    keys = handler.signing_keys()
     assert post.headers["Authorization"].startswith(
         f"AWS4-HMAC-SHA256 Credential={keys.access_key}/"
     )

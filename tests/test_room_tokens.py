@@ -136,3 +136,25 @@ def test_an_unknown_auth_mode_refuses_every_connection(private, monkeypatch):
 
 def test_open_mode_needs_no_token(handler):
     assert try_connect(handler, room="lobby") == (200, "")
+
+
+def test_a_backend_can_import_the_minting_function_without_any_aws_configuration(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    project = Path(__file__).resolve().parent.parent
+    script = "import lambda_function as f; print(f.mint_room_token(b'k', 'vip', 60, now=0))"
+    environment = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(project)}
+    environment["AWS_CONFIG_FILE"] = environment["AWS_SHARED_CREDENTIALS_FILE"] = "/dev/null"
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    expiry, signature = done.stdout.strip().split(".")
+    assert expiry == "60" and len(signature) == 43
