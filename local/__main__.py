@@ -3,6 +3,7 @@
 Commands (serve is the default):
   serve   run API Gateway + Lambda + DynamoDB on 127.0.0.1 (what `make run` does)
   chat    chat in a room from the terminal (what `make chat` does)
+  token   mint a room token for a stack started with --auth token
 
 Each command is one entry of COMMANDS: a function that adds its flags to a
 parser, and the function that runs it.
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from local import chat, dynamodb, events, runtime, template
+from local import chat, dynamodb, events, runtime, template, tokens
 from local.gateway import GatewaySettings
 from local.selection import ExpressionError
 from local.server import DEFAULT_HANDLER, ServeOptions, serve
@@ -161,6 +162,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="write the stack's URLs here (JSON) once it is ready",
     )
+    add(
+        "--auth",
+        choices=("none", "token"),
+        default="none",
+        help="none: open rooms; token: joining a room takes a token "
+        "(python -m local token) (default: %(default)s)",
+    )
+    add(
+        "--auth-secret-file",
+        type=Path,
+        default=tokens.DEFAULT_SECRET_FILE,
+        help="where the room-token secret is kept (default: %(default)s)",
+    )
     add("--log-level", default="WARNING", help="the gateway's own log level (default: %(default)s)")
 
 
@@ -190,6 +204,8 @@ def run_serve(arguments: argparse.Namespace) -> int:
         function_timeout=arguments.function_timeout,
         report_file=arguments.report_file,
         ready_file=arguments.ready_file,
+        auth=arguments.auth,
+        auth_secret_file=arguments.auth_secret_file,
         gateway=gateway,
     )
     try:
@@ -212,6 +228,7 @@ Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Na
 COMMANDS: dict[str, Command] = {
     "serve": (add_serve_arguments, run_serve, "run the local stack (the default command)"),
     "chat": (chat.add_chat_arguments, chat.run_chat, "chat in a room from the terminal"),
+    "token": (tokens.add_token_arguments, tokens.run_token, "mint a room token (--auth token)"),
 }
 
 

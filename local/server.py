@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from local import dynamodb, events, template
+from local import dynamodb, events, template, tokens
 from local.gateway import Gateway, GatewaySettings
 from local.runtime import LambdaRuntime, RuntimeSettings
 
@@ -53,6 +53,8 @@ class ServeOptions:
     function_timeout: float | None = None  # None: the template's Timeout
     report_file: Path | None = None
     ready_file: Path | None = None
+    auth: str = "none"  # or "token": private rooms, as with AuthMode=token
+    auth_secret_file: Path = tokens.DEFAULT_SECRET_FILE
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
 
 
@@ -64,6 +66,7 @@ def handler_environment(
     dynamodb_endpoint: str,
     memory_size_mb: int,
     function_name: str,
+    secrets_endpoint: str | None = None,
 ) -> dict[str, str]:
     """What the handler's process sees: Lambda's own variables, the template's
     Environment, the local stack's endpoints and dummy credentials, then --env.
@@ -96,6 +99,8 @@ def handler_environment(
             "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_endpoint,
         }
     )
+    if options.auth == "token" and secrets_endpoint:
+        environment.update(tokens.handler_environment(secrets_endpoint))
     environment.update(options.env)
     return environment
 
@@ -119,10 +124,16 @@ def serve(options: ServeOptions) -> None:
         # Started from the main thread: children are told to die with the thread
         # that started them (see processes.die_with_parent).
         database = dynamodb.launch(options.dynamodb)
+        # Room tokens need a Secrets Manager: moto's server has one, DynamoDB Local not.
+        secrets_server = None
+        if options.auth == "token" and database.kind != "moto":
+            secrets_server = dynamodb.launch("moto")
         try:
-            asyncio.run(_serve(options, template_document, sock, database))
+            asyncio.run(_serve(options, template_document, sock, database, secrets_server))
         finally:
             database.stop()
+            if secrets_server is not None:
+                secrets_server.stop()
     finally:
         sock.close()
 
@@ -140,11 +151,18 @@ def _prepare_table(
     )
 
 
+def _prepare_room_tokens(secrets_server: dynamodb.DynamoDB, secret_file: Path) -> None:
+    dynamodb.wait_until_ready(secrets_server, REGION, CREDENTIALS)
+    secret = tokens.secret_from_file(secret_file)
+    tokens.store_secret(secrets_server.endpoint, secret, REGION, CREDENTIALS)
+
+
 async def _serve(
     options: ServeOptions,
     template_document: dict[str, Any],
     sock: socket.socket,
     database: dynamodb.DynamoDB,
+    secrets_server: dynamodb.DynamoDB | None = None,
 ) -> None:
     api = template.api(template_document)
     credentials = {CREDENTIALS["AWS_ACCESS_KEY_ID"]: CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
@@ -173,6 +191,7 @@ async def _serve(
                     dynamodb_endpoint=database.endpoint,
                     memory_size_mb=memory_size_mb,
                     function_name=function_name,
+                    secrets_endpoint=(secrets_server or database).endpoint,
                 ),
                 concurrency=options.concurrency,
                 memory_size_mb=memory_size_mb,
@@ -184,10 +203,17 @@ async def _serve(
             )
         )
         # DynamoDB boots while the first Lambda worker imports the handler.
-        await asyncio.gather(
+        preparations = [
             asyncio.to_thread(_prepare_table, database, options.table_name, template_document),
             runtime.start(),
-        )
+        ]
+        if options.auth == "token":
+            preparations.append(
+                asyncio.to_thread(
+                    _prepare_room_tokens, secrets_server or database, options.auth_secret_file
+                )
+            )
+        await asyncio.gather(*preparations)
         gateway = Gateway(settings, api, runtime)
         runner = web.AppRunner(gateway.application(), access_log=None, handle_signals=False)
         await runner.setup()
@@ -232,7 +258,13 @@ def _announce(ready: dict[str, Any], options: ServeOptions, settings: GatewaySet
         f"{', env ' + ' '.join(keys) if keys else ''})\n"
         f"DynamoDB:       {ready['dynamodb']} at {ready['dynamodbEndpoint']},"
         f" table {ready['tableName']}\n"
-        "Ready. Ctrl-C stops.",
+        + (
+            f"Private rooms:  a token per room: python -m local token --room NAME"
+            f" (secret in {options.auth_secret_file})\n"
+            if options.auth == "token"
+            else ""
+        )
+        + "Ready. Ctrl-C stops.",
         flush=True,
     )
     if options.ready_file is not None:
