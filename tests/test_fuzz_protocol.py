@@ -172,19 +172,6 @@ def test_frames_api_gateway_refuses_close_the_connection_with_its_code(
     bystanders_still_served(bystanders)
 
 
-def test_a_message_over_128_kb_in_small_frames_closes_with_1009(
-    fuzz_stack: Any, bystanders: Any
-) -> None:
-    ws = connect(f"{fuzz_stack.ws_url}?room={ROOM}")
-    fragment = b"x" * (16 * 1024)
-    ws.send_frame(websocket.ABNF(fin=0, opcode=websocket.ABNF.OPCODE_TEXT, data=fragment))
-    for _ in range(8):
-        ws.send_frame(websocket.ABNF(fin=0, opcode=websocket.ABNF.OPCODE_CONT, data=fragment))
-    ws.send_frame(websocket.ABNF(fin=1, opcode=websocket.ABNF.OPCODE_CONT, data=b"x"))
-    assert close_frame(ws)[0] == 1009
-    bystanders_still_served(bystanders)
-
-
 # --- Room names in the handshake ----------------------------------------------------------
 
 
