@@ -17,16 +17,25 @@ export CKV_SKIP_PACKAGE_UPDATE_CHECK := true
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
 
+# uv installs the pinned requirements in seconds where pip takes minutes; if uv
+# cannot be had, pip installs the same pins.
+UV_VERSION := 0.13.9
+define install_pinned
+	$(1)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION) \
+		&& $(1)/bin/uv pip install --quiet --python $(1)/bin/python -r $(2) \
+		|| $(1)/bin/python -m pip install --quiet --disable-pip-version-check -r $(2)
+endef
+
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(call install_pinned,$(VENV),requirements-dev.txt)
 	touch $@
 
 venv: $(STAMP)
 
 $(TOOLS_STAMP): requirements-tools.txt
 	test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
-	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-tools.txt
+	$(call install_pinned,$(TOOLS),requirements-tools.txt)
 	touch $@
 
 tools: $(TOOLS_STAMP) ## checkov in .venv-tools (made once, remade when its pins change)
