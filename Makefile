@@ -12,7 +12,7 @@ TOOLS_STAMP := $(TOOLS)/.installed
 export CKV_SKIP_PACKAGE_UPDATE_CHECK := true
 
 .DEFAULT_GOAL := help
-.PHONY: help test lint tools package deploy destroy run dynamodb-local capacity chat browser clean loadtest token
+.PHONY: help test lint tools package deploy destroy run dynamodb-local capacity chat browser clean loadtest token bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -89,6 +89,13 @@ loadtest: $(STAMP) $(if $(and $(if $(HOST),,1),$(filter local,$(DYNAMODB))),dyna
 		--users $(USERS) --spawn-rate $(SPAWN_RATE) --run-time $(RUN_TIME) --rooms $(ROOMS) \
 		--send-interval $(SEND_INTERVAL) --payload-bytes $(PAYLOAD_BYTES) \
 		--processes $(PROCESSES) $(ARGS)
+
+# make bench [QUICK=1] [ARGS="--sizes 100,1000 --repeats 3 ..."]: one broadcast's fan-out on
+# the local stack over DynamoDB Local, against the seed-literal handler, a boto3 loop, the
+# bound and a bare aiohttp floor. Writes loadtest/results/bench-<timestamp>.md (the README's
+# Performance section). The full run takes several minutes; QUICK=1 well under one.
+bench: $(STAMP) dynamodb-local ## the fan-out benchmark (QUICK=1: a reduced set, under a minute)
+	$(PY) -m loadtest.bench $(if $(QUICK),--quick) $(ARGS)
 
 # make chat [ROOM=lobby] [URL=ws://127.0.0.1:$(PORT)/local] [TOKEN=...]: URL may be a
 # deployed stage's WebSocketURL (wss://…/prod). Lines typed are sent to the room.
