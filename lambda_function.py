@@ -289,7 +289,7 @@ def default(event: Event) -> Response:
             problem = "the frame has no action"
         elif not isinstance(action, str):
             problem = "action must be a string"
-        elif action in ROUTES:
+        elif action in VALID_ACTIONS:
             # API Gateway could not read the action itself, though this parser can.
             problem = f"the frame could not be routed to {action!r}: is it nested too deeply?"
         else:
@@ -800,16 +800,22 @@ def exchange(api: ManagementApi, request: bytes) -> int:
         connection.sock.sendall(request)
         status, keep_alive = read_answer(connection.reader)
     except TimeoutError:
-        connection.sock.close()
+        close(connection)
         raise
     except (OSError, ValueError) as error:  # ValueError: not an HTTP answer
-        connection.sock.close()
+        close(connection)
         raise Unanswered(str(error)) from error
     if keep_alive:
         api.idle.append(connection)
     else:
-        connection.sock.close()
+        close(connection)
     return status
+
+
+def close(connection: Connection) -> None:
+    """Close the socket now: its file descriptor is shared with the reader."""
+    connection.reader.close()
+    connection.sock.close()
 
 
 def take_connection(api: ManagementApi) -> Connection:
@@ -821,7 +827,7 @@ def take_connection(api: ManagementApi) -> Connection:
             break
         if not has_data(connection.sock):
             return connection
-        connection.sock.close()  # an idle connection has nothing to read unless it closed
+        close(connection)  # an idle connection has nothing to read unless it closed
     sock = socket.create_connection(api.address, timeout=CONNECT_TIMEOUT_SECONDS)
     try:
         # As boto3's clients do: without it, the body waits for the headers' delayed

@@ -542,6 +542,7 @@ def test_ping_answers_pong_with_the_server_time_in_ms(handler):
     [
         ('{"action": "sendmessage"}', "unknown action 'sendmessage'"),
         ('{"action": "Message"}', "unknown action 'Message'"),
+        ('{"action": "$connect"}', "unknown action '$connect'"),
         ('{"messageBody": "hi"}', "no action"),
         ('{"action": 5}', "action must be a string"),
         ("hello", "not valid JSON"),
