@@ -90,6 +90,9 @@ QUERY_PAGE_SIZE = 1000
 BATCH_WRITE_LIMIT = 25
 BATCH_WRITE_ATTEMPTS = 5
 
+# A message's optional `ref`, the client's label echoed in its reply.
+MAX_REF_LENGTH = 64
+
 METRICS_NAMESPACE = "WebSocketBroadcast"
 
 # The DynamoDB client methods this file calls and the IAM action each one needs:
@@ -236,21 +239,28 @@ def message(event: Event) -> Response:
     frame, problem = parse_frame(event.get("body"))
     if problem:
         return error_reply(event, 400, problem)
+    # The client's own label for this message, echoed in the reply: replies to
+    # messages sent in a row may come back in any order.
+    ref = frame.get("ref")
+    if ref is not None and not (isinstance(ref, str) and len(ref) <= MAX_REF_LENGTH):
+        return error_reply(
+            event, 400, f"ref must be a string of at most {MAX_REF_LENGTH} characters"
+        )
+    echo = {"ref": ref} if ref is not None else {}
     if frame.get("messageBody") is None:
-        return error_reply(event, 400, "messageBody is required (any JSON value but null)")
+        return error_reply(event, 400, "messageBody is required (any JSON value but null)", echo)
     body_json, problem = encode_message_body(frame["messageBody"])
     if problem:
-        return error_reply(event, 400, problem)
+        return error_reply(event, 400, problem, echo)
     size = len(body_json)
     if size > MAX_MESSAGE_BYTES:
-        return error_reply(
-            event, 413, f"messageBody is {size} bytes encoded; the limit is {MAX_MESSAGE_BYTES}"
-        )
+        limit = f"messageBody is {size} bytes encoded; the limit is {MAX_MESSAGE_BYTES}"
+        return error_reply(event, 413, limit, echo)
 
     sender = connection_id(event)
     room = room_of(sender)
     if room is None:
-        return error_reply(event, 404, "this connection is not in a room; reconnect")
+        return error_reply(event, 404, "this connection is not in a room; reconnect", echo)
 
     context = request_context(event)
     message_id = context.get("messageId") or context.get("requestId", "")
@@ -270,6 +280,7 @@ def message(event: Event) -> Response:
             "delivered": counts.delivered,
             "stale": counts.stale,
             "failed": counts.failed,
+            **echo,
         },
     )
 
@@ -901,11 +912,13 @@ def reply(status: int, body: dict[str, Any]) -> Response:
     return {"statusCode": status, "body": json.dumps(body, separators=(",", ":"))}
 
 
-def error_reply(event: Event, status: int, problem: str) -> Response:
+def error_reply(
+    event: Event, status: int, problem: str, echo: dict[str, Any] | None = None
+) -> Response:
     body = {"action": "error", "status": status, "error": problem, "validActions": VALID_ACTIONS}
     if status >= 500:
         body["requestId"] = request_id(event)
-    return reply(status, body)
+    return reply(status, {**body, **(echo or {})})
 
 
 LOG_LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}

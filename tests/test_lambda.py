@@ -197,6 +197,42 @@ def test_a_sender_without_a_connection_item_gets_an_error_and_nothing_is_sent(ha
     assert handler.api.posts == []
 
 
+def test_a_message_ref_is_echoed_in_the_sent_reply_and_not_sent_to_recipients(handler):
+    sender, recipient = connect(handler, "lobby"), connect(handler, "lobby")
+
+    reply = send(handler, sender, {"action": "message", "messageBody": "x", "ref": "msg-7"})
+
+    assert (reply["action"], reply["ref"]) == ("sent", "msg-7")
+    (body,) = handler.api.delivered()[recipient.connection_id]
+    assert "ref" not in json.loads(body)
+
+
+def test_a_message_ref_is_echoed_in_error_replies(handler, monkeypatch):
+    monkeypatch.setattr(handler, "MAX_MESSAGE_BYTES", 10)
+    sender = connect(handler, "lobby")
+
+    missing = send(handler, sender, {"action": "message", "ref": "a"})
+    too_big = send(handler, sender, {"action": "message", "messageBody": "x" * 20, "ref": "b"})
+
+    assert (missing["status"], missing["ref"]) == (400, "a")
+    assert (too_big["status"], too_big["ref"]) == (413, "b")
+
+
+def test_without_a_ref_the_reply_has_none(handler):
+    sender = connect(handler, "lobby")
+    assert "ref" not in send(handler, sender, {"action": "message", "messageBody": "x"})
+
+
+@pytest.mark.parametrize("ref", [7, ["a"], "r" * 65])
+def test_a_ref_that_is_not_a_short_string_is_refused(handler, ref):
+    sender, _ = connect(handler, "lobby"), connect(handler, "lobby")
+
+    reply = send(handler, sender, {"action": "message", "messageBody": "x", "ref": ref})
+
+    assert reply["status"] == 400 and "ref" in reply["error"]
+    assert handler.api.posts == []
+
+
 # --- message: pages and parallelism -------------------------------------------------------
 
 
