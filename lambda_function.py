@@ -510,6 +510,8 @@ def room_pages(room: str) -> Iterator[list[str]]:
 
     Every page is read (`LastEvaluatedKey`), so rooms past DynamoDB's 1 MB page
     are not silently cut short; the caller posts to one page while the next is read.
+    The read is strongly consistent: whoever's handshake has completed gets every
+    message sent after it, not only those sent once the table has caught up.
     """
     request: dict[str, Any] = {
         "TableName": TABLE_NAME,
@@ -517,6 +519,7 @@ def room_pages(room: str) -> Iterator[list[str]]:
         "ExpressionAttributeNames": {"#pk": PARTITION_KEY, "#id": SORT_KEY},
         "ExpressionAttributeValues": {":room": {"S": f"ROOM#{room}"}},
         "ProjectionExpression": "#id",
+        "ConsistentRead": True,
         "Limit": QUERY_PAGE_SIZE,
     }
     while True:

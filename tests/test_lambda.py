@@ -236,14 +236,17 @@ def test_a_ref_that_is_not_a_short_string_is_refused(handler, ref):
 # --- message: pages and parallelism -------------------------------------------------------
 
 
-def test_broadcast_reads_every_page_of_a_big_room(handler, monkeypatch):
+def test_broadcast_reads_every_page_of_a_big_room_consistently(handler, monkeypatch):
     monkeypatch.setattr(handler, "QUERY_PAGE_SIZE", 2)
     sender = connect(handler, "lobby")
     others = [connect(handler, "lobby") for _ in range(6)]
     pages = []
     real_query = handler.dynamodb.query
 
+    requests = []
+
     def counting_query(**request):
+        requests.append(request)
         page = real_query(**request)
         pages.append(len(page["Items"]))
         return page
@@ -253,6 +256,7 @@ def test_broadcast_reads_every_page_of_a_big_room(handler, monkeypatch):
     reply = send(handler, sender, {"action": "message", "messageBody": "all of you"})
 
     assert len(pages) >= 4 and sum(pages) == 7
+    assert all(request["ConsistentRead"] for request in requests)
     assert set(handler.api.delivered()) == {other.connection_id for other in others}
     assert reply["delivered"] == 6
 
