@@ -9,9 +9,10 @@ and whether it arrived.
 A delivery is owed (counted in `expected`) to every member of the sender's room,
 except the sender, that
 
-- joined at least `join_margin` seconds before the send: a member that joined
-  an instant before may be missed without any bug, since the broadcast's
-  DynamoDB Query is an eventually consistent read; and
+- joined at least `join_margin` seconds before the send (0 by default: the
+  broadcast reads the room strongly consistently, so a member whose handshake
+  completed before the send is in the room; a handler that reads eventually
+  consistently may miss a member for a moment after it joined); and
 - was still connected `grace` seconds after the send: a member that left (or
   was dropped) sooner may have been gone when its turn came.
 
@@ -126,7 +127,7 @@ class Ledger:
     def __init__(
         self,
         grace: float = 5.0,
-        join_margin: float = 1.0,
+        join_margin: float = 0.0,
         keep_settled: float = 60.0,
         tag: str = "",
     ) -> None:

@@ -44,7 +44,6 @@ import logging
 import os
 import random
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +185,7 @@ class RoomUser(User):
         self.receiver: gevent.Greenlet | None = None
         self.stopping = False
         self.rejoin = False
-        self.awaiting_reply: deque[tuple[str, float]] = deque()  # (message id, sent at)
+        self.awaiting_reply: dict[str, float] = {}  # message id -> sent at, oldest first
         self.next_send = time.time() + self.options.send_interval
         swarm.connecting += 1
         try:
@@ -213,13 +212,15 @@ class RoomUser(User):
         message_id = swarm.ledger.new_message_id()
         sent_at = time.time()
         body = message_body(message_id, self.room, sent_at, self.options.payload_bytes)
-        frame = json.dumps({"action": "message", "messageBody": body}, separators=(",", ":"))
+        # The ref comes back in the reply, so replies that arrive out of order are
+        # still matched to their message.
+        frame = {"action": "message", "messageBody": body, "ref": message_id}
         swarm.ledger.sent(message_id, self.member, sent_at)
-        self.awaiting_reply.append((message_id, sent_at))
+        self.awaiting_reply[message_id] = sent_at
         try:
-            self.ws.send(frame)  # type: ignore[union-attr]
+            self.ws.send(json.dumps(frame, separators=(",", ":")))  # type: ignore[union-attr]
         except (websocket.WebSocketException, OSError) as error:
-            self.awaiting_reply.pop()
+            del self.awaiting_reply[message_id]
             swarm.ledger.refused(message_id)
             record("fanout", sent_at, failure=f"send failed: {error}")
 
@@ -239,8 +240,9 @@ class RoomUser(User):
             swarm.ledger.left(self.member, time.time())
             with contextlib.suppress(websocket.WebSocketException, OSError):
                 ws.close(timeout=2)
-        while self.awaiting_reply:
-            swarm.ledger.unanswered(self.awaiting_reply.popleft()[0])
+        for message_id in self.awaiting_reply:
+            swarm.ledger.unanswered(message_id)
+        self.awaiting_reply.clear()
 
     # --- Connecting -------------------------------------------------------------------
 
@@ -299,13 +301,13 @@ class RoomUser(User):
         elif action == "sent":
             self.on_reply(frame, now)
         elif action == "error":
-            self.on_refusal(f"error {frame.get('status')}: {frame.get('error')}", now)
+            self.on_refusal(frame, f"error {frame.get('status')}: {frame.get('error')}", now)
             # 404: the connection is in no room (its items are gone). As the error
             # says, a client reconnects; the next turn to send does.
             self.rejoin = self.rejoin or frame.get("status") == 404
         elif action is None and "message" in frame:
             # API Gateway's own error frame: {"message": "Internal server error", ...}
-            self.on_refusal(str(frame["message"]), now)
+            self.on_refusal(frame, str(frame["message"]), now)
 
     def on_delivery(self, frame: dict[str, Any], member: int, length: int, now: float) -> None:
         body = frame.get("messageBody")
@@ -319,22 +321,35 @@ class RoomUser(User):
         failure = MISDELIVERIES.get(kind)
         record("broadcast", sent_at, failure=failure, length=length, ended=now)
 
-    def on_reply(self, frame: dict[str, Any], now: float) -> None:
-        """The `sent` reply to this user's oldest unanswered message."""
+    def answered(self, frame: dict[str, Any]) -> tuple[str, float] | None:
+        """The message a reply answers: the one its `ref` names or, from an API that
+        does not echo refs, this user's oldest unanswered message."""
+        ref = frame.get("ref")
+        if ref in self.awaiting_reply:
+            return ref, self.awaiting_reply.pop(ref)
         if not self.awaiting_reply:
+            return None
+        oldest = next(iter(self.awaiting_reply))
+        return oldest, self.awaiting_reply.pop(oldest)
+
+    def on_reply(self, frame: dict[str, Any], now: float) -> None:
+        """A `sent` reply: the fan-out of one of this user's messages is done."""
+        answered = self.answered(frame)
+        if answered is None:
             return
-        message_id, sent_at = self.awaiting_reply.popleft()
+        message_id, sent_at = answered
         swarm.ledger.replied(message_id, frame)
         failed, recipients = int(frame.get("failed") or 0), int(frame.get("recipients") or 0)
         failure = f"{failed} of {recipients} recipients failed" if failed else None
         record("fanout", sent_at, failure=failure, length=recipients, ended=now)
 
-    def on_refusal(self, reason: str, now: float) -> None:
+    def on_refusal(self, frame: dict[str, Any], reason: str, now: float) -> None:
         """An error instead of `sent`: the sender knows it failed, so no delivery is owed."""
-        if not self.awaiting_reply:
+        answered = self.answered(frame)
+        if answered is None:
             record("fanout", now, failure=reason, ended=now)
             return
-        message_id, sent_at = self.awaiting_reply.popleft()
+        message_id, sent_at = answered
         swarm.ledger.refused(message_id)
         record("fanout", sent_at, failure=reason, ended=now)
 
@@ -344,10 +359,10 @@ class RoomUser(User):
         if self.stopping:
             return
         record("closed", self.connected_at, failure=reason, ended=now)
-        while self.awaiting_reply:
-            message_id, sent_at = self.awaiting_reply.popleft()
+        for message_id, sent_at in self.awaiting_reply.items():
             swarm.ledger.unanswered(message_id)
             record("fanout", sent_at, failure="no reply: the connection closed", ended=now)
+        self.awaiting_reply.clear()
         if self.ws is ws:
             self.ws = None
         with contextlib.suppress(websocket.WebSocketException, OSError):

@@ -100,9 +100,11 @@ def add_arguments(parser: Any, *, report_file: bool = True) -> None:
     add(
         "--join-margin",
         type=_margin,
-        default=1.0,
-        help="messages sent this soon after a user joined owe it nothing: the broadcast's "
-        "DynamoDB Query is eventually consistent (default: %(default)s)",
+        default=0.0,
+        help="messages sent this soon after a user joined owe it nothing (default: "
+        "%(default)s: the broadcast's Query is strongly consistent, so a completed "
+        "handshake gets every later message; raise it for a handler that reads "
+        "eventually consistently)",
     )
     add(
         "--room-prefix",
