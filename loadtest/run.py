@@ -58,7 +58,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     add("--run-time", default="60s", help="how long the run lasts (locust's format: 90s, 5m)")
     add("--processes", type=int, default=0, help="locust worker processes (0: just one process)")
     add("--results", type=Path, default=None, help="directory for the reports")
-    add("--dynamodb", default="moto", help="the local stack's DynamoDB: moto, local or a URL")
+    add(
+        "--dynamodb",
+        default="local",
+        help="the local stack's DynamoDB: local (DynamoDB Local), moto or a URL",
+    )
     add("--concurrency", type=int, default=4, help="the local stack's Lambda workers")
     add(
         "--stack-args",
