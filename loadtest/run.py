@@ -4,12 +4,13 @@
     python -m loadtest.run --host wss://{apiId}.execute-api.{region}.amazonaws.com/prod
     python -m loadtest.run --users 500 --processes 2 --rooms 25 --send-interval 1
 
-Without --host it starts the local stack (`local.stack`, on a free port) and stops
-it afterwards. Locust writes its CSV files and HTML report, and the locustfile
-its delivery accounting, into one directory (default
-loadtest/results/<timestamp>/); this script then prints a summary table, saves it
-there as summary.md, and exits with locust's status: 0 clean, 1 some request
-failed, 2 a delivery was lost or went to the wrong room.
+Without --host it starts the local stack (`local.stack`, on a free port, over
+DynamoDB Local unless --dynamodb says otherwise) and stops it afterwards. Locust
+writes its CSV files and HTML report, and the locustfile its delivery accounting,
+into one directory (default loadtest/results/<timestamp>/); this script then
+prints a summary table, saves it there as summary.md, and exits with locust's
+status: 0 clean, 1 some request failed, 2 a delivery was lost or went to the
+wrong room.
 """
 
 from __future__ import annotations
