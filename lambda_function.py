@@ -64,6 +64,11 @@ AWS_REGION = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"
 # stored in Secrets Manager under AUTH_SECRET_ARN (see `mint_room_token`).
 AUTH_MODE = os.environ.get("AUTH_MODE", "none")
 AUTH_SECRET_ARN = os.environ.get("AUTH_SECRET_ARN", "")
+# A connection answers 410 Gone while its $connect is still running, though its
+# items are already written: one that joined less than this many seconds ago may
+# be about to open, so its 410 does not get its items deleted (API Gateway gives
+# up on a $connect after 29 s). Later broadcasts, or the TTL, remove it if gone.
+CONNECT_WINDOW_SECONDS = float(os.environ.get("CONNECT_WINDOW_SECONDS", "30"))
 
 # A room name is 1 to 64 of these characters. No '#', so a room can never forge
 # another item's partition key.
@@ -83,8 +88,9 @@ TTL_ATTRIBUTE = "expiresAt"
 # worth retrying; this many attempts in all, with full-jitter backoff.
 POST_ATTEMPTS = 4
 POST_BACKOFF_SECONDS = 0.05
-# Query pages of at most this many ids: posting starts after the first 1,000 ids
-# are read, not after a whole 1 MB page (about 15,000 ids) is.
+# Query pages of at most this many ids: posting starts once the first 100 ids are
+# read, not after a whole 1 MB page (about 10,000 ids) is; later pages are bigger.
+FIRST_PAGE_SIZE = 100
 QUERY_PAGE_SIZE = 1000
 # BatchWriteItem takes at most 25 requests; UnprocessedItems get this many tries.
 BATCH_WRITE_LIMIT = 25
@@ -505,8 +511,9 @@ def room_of(connection: str) -> str | None:
     return item["room"]["S"] if item else None
 
 
-def room_pages(room: str) -> Iterator[list[str]]:
-    """The connection ids of a room, one Query page at a time.
+def room_pages(room: str) -> Iterator[list[tuple[str, int]]]:
+    """The (connection id, connectedAt in ms) of a room's members, one Query page
+    at a time.
 
     Every page is read (`LastEvaluatedKey`), so rooms past DynamoDB's 1 MB page
     are not silently cut short; the caller posts to one page while the next is read.
@@ -518,16 +525,20 @@ def room_pages(room: str) -> Iterator[list[str]]:
         "KeyConditionExpression": "#pk = :room",
         "ExpressionAttributeNames": {"#pk": PARTITION_KEY, "#id": SORT_KEY},
         "ExpressionAttributeValues": {":room": {"S": f"ROOM#{room}"}},
-        "ProjectionExpression": "#id",
+        "ProjectionExpression": "#id, connectedAt",
         "ConsistentRead": True,
-        "Limit": QUERY_PAGE_SIZE,
+        "Limit": min(FIRST_PAGE_SIZE, QUERY_PAGE_SIZE),
     }
     while True:
         page = dynamodb.query(**request)
-        yield [item[SORT_KEY]["S"] for item in page.get("Items", [])]
+        yield [
+            (item[SORT_KEY]["S"], int(item.get("connectedAt", {}).get("N", 0)))
+            for item in page.get("Items", [])
+        ]
         if "LastEvaluatedKey" not in page:
             return
         request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        request["Limit"] = QUERY_PAGE_SIZE
 
 
 def delete_connections(connections: list[tuple[str | None, str]]) -> None:
@@ -567,27 +578,29 @@ def broadcast(room: str, sender: str, payload: bytes, api: ManagementApi) -> Cou
 
     Pages are submitted to the fan-out pool as they arrive, so posting starts
     while the next page is read. Recipients answering 410 Gone are deleted in
-    this same invocation. One failure never stops the others.
+    this same invocation, unless they may still be in their $connect. One failure
+    never stops the others.
     """
     outgoing = Outgoing(api, payload, hashlib.sha256(payload).hexdigest(), signing_keys())
+    still_connecting_after = (time.time() - CONNECT_WINDOW_SECONDS) * 1000
     posts = []
     for page in room_pages(room):
         posts += [
-            (recipient, fanout_pool.submit(post, outgoing, recipient))
-            for recipient in page
+            (recipient, connected_at, fanout_pool.submit(post, outgoing, recipient))
+            for recipient, connected_at in page
             if recipient != sender
         ]
     outcomes = {"delivered": 0, "stale": 0}
     failures: dict[str, int] = {}
     stale_ids = []
-    for recipient, future in posts:
+    for recipient, connected_at, future in posts:
         try:
             outcome = future.result()
         except Exception as error:  # a bug in one post must not lose the others' counts
             outcome = type(error).__name__
         if outcome in outcomes:
             outcomes[outcome] += 1
-            if outcome == "stale":
+            if outcome == "stale" and connected_at < still_connecting_after:
                 stale_ids.append(recipient)
         else:
             failures[outcome] = failures.get(outcome, 0) + 1

@@ -132,6 +132,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="delay added to each management API call (default: 0)",
     )
     add(
+        "--connect-latency-ms",
+        type=float,
+        default=0.0,
+        help="delay between $connect's 2xx and the open connection; posts to it "
+        "meanwhile get 410 (default: 0)",
+    )
+    add(
         "--fault-gone-rate",
         type=_rate,
         default=0.0,
@@ -186,6 +193,7 @@ def run_serve(arguments: argparse.Namespace) -> int:
         max_frame_bytes=arguments.max_frame_bytes,
         max_message_bytes=arguments.max_message_bytes,
         post_latency_ms=arguments.post_latency_ms,
+        connect_latency_ms=arguments.connect_latency_ms,
         fault_gone_rate=arguments.fault_gone_rate,
         fault_throttle_rate=arguments.fault_throttle_rate,
         fault_seed=arguments.fault_seed,

@@ -76,6 +76,9 @@ class GatewaySettings:
     max_frame_bytes: int = 32 * 1024
     max_message_bytes: int = 128 * 1024
     post_latency_ms: float = 0.0
+    # Between $connect's 2xx and the open connection, API Gateway's own hand-off:
+    # posts to the connection meanwhile get 410, though $connect stored it.
+    connect_latency_ms: float = 0.0
     fault_gone_rate: float = 0.0
     fault_throttle_rate: float = 0.0
     fault_seed: int | None = None
@@ -331,6 +334,8 @@ class Gateway:
             return web.Response(status=status)
         if protocol is not None:
             ws.headers["Sec-WebSocket-Protocol"] = protocol
+        if self.settings.connect_latency_ms > 0:
+            await asyncio.sleep(self.settings.connect_latency_ms / 1000)
         try:
             if request.transport is None or request.transport.is_closing():
                 raise ConnectionResetError

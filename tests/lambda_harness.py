@@ -41,9 +41,16 @@ def handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
             del lambda_function.api  # type: ignore[attr-defined]
 
 
-def connect(handler: Any, room: str | None = "lobby", **query: str) -> events.Connection:
-    """Open a connection through $connect and return it; fails the test if refused."""
-    connection = events.Connection(domain_name="abc123defg.execute-api.us-east-1.amazonaws.com")
+def connect(
+    handler: Any, room: str | None = "lobby", *, age: float = 60.0, **query: str
+) -> events.Connection:
+    """Open a connection through $connect and return it; fails the test if refused.
+    It was opened `age` seconds ago: by default an established connection, long past
+    the window in which a connection still in its $connect answers 410."""
+    connection = events.Connection(
+        domain_name="abc123defg.execute-api.us-east-1.amazonaws.com",
+        connected_at=events.now_ms() - int(age * 1000),
+    )
     if room is not None:
         query = {"room": room, **query}
     response = handler.lambda_handler(events.connect(connection, query), None)

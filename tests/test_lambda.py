@@ -26,7 +26,7 @@ from tests.lambda_harness import connect, items, send
 
 def test_connect_stores_membership_and_connection_items_with_ttl_in_seconds(handler):
     before = int(time.time())
-    connection = connect(handler, "lobby")
+    connection = connect(handler, "lobby", age=0)
 
     stored = {item["PK"]: item for item in items(handler)}
     membership = stored["ROOM#lobby"]
@@ -237,6 +237,7 @@ def test_a_ref_that_is_not_a_short_string_is_refused(handler, ref):
 
 
 def test_broadcast_reads_every_page_of_a_big_room_consistently(handler, monkeypatch):
+    monkeypatch.setattr(handler, "FIRST_PAGE_SIZE", 1)
     monkeypatch.setattr(handler, "QUERY_PAGE_SIZE", 2)
     sender = connect(handler, "lobby")
     others = [connect(handler, "lobby") for _ in range(6)]
@@ -257,11 +258,14 @@ def test_broadcast_reads_every_page_of_a_big_room_consistently(handler, monkeypa
 
     assert len(pages) >= 4 and sum(pages) == 7
     assert all(request["ConsistentRead"] for request in requests)
+    # A small first page, so posting starts early; then bigger ones.
+    assert [request["Limit"] for request in requests[:3]] == [1, 2, 2]
     assert set(handler.api.delivered()) == {other.connection_id for other in others}
     assert reply["delivered"] == 6
 
 
 def test_posting_starts_while_the_next_page_is_being_read(handler, monkeypatch):
+    monkeypatch.setattr(handler, "FIRST_PAGE_SIZE", 2)
     monkeypatch.setattr(handler, "QUERY_PAGE_SIZE", 2)
     sender = connect(handler, "lobby")
     for _ in range(4):
@@ -415,6 +419,20 @@ def test_gone_recipients_are_deleted_and_the_others_delivered(handler):
     assert alive.connection_id in handler.api.delivered()
     remaining = {item["connectionId"] for item in items(handler)}
     assert remaining == {sender.connection_id, alive.connection_id}
+
+
+def test_a_gone_recipient_that_may_still_be_in_its_connect_keeps_its_items(handler):
+    """API Gateway answers 410 to a connection whose $connect is still running, after
+    its items were written: deleting them would leave it connected but in no room."""
+    sender = connect(handler, "lobby")
+    joining = connect(handler, "lobby", age=handler.CONNECT_WINDOW_SECONDS - 5)
+    handler.api.answer(joining.connection_id, 410)
+
+    reply = send(handler, sender, {"action": "message", "messageBody": "x"})
+
+    assert (reply["recipients"], reply["stale"]) == (1, 1)
+    remaining = {item["connectionId"] for item in items(handler)}
+    assert remaining == {sender.connection_id, joining.connection_id}
 
 
 def test_many_gone_recipients_are_deleted_25_requests_at_a_time(handler, monkeypatch):

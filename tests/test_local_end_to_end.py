@@ -4,6 +4,7 @@ worker processes, moto's server over HTTP, the Lambda's own signed posts."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,14 @@ def join(stack: Any, room: str) -> websocket.WebSocket:
 def send(ws: websocket.WebSocket, frame: dict[str, Any]) -> dict[str, Any]:
     ws.send(json.dumps(frame))
     return json.loads(ws.recv())
+
+
+def reply_to(ws: websocket.WebSocket, frame: dict[str, Any]) -> dict[str, Any]:
+    """Send a frame and wait for its reply, past the broadcasts that arrive first."""
+    ws.send(json.dumps(frame))
+    while (reply := json.loads(ws.recv()))["action"] == "message":
+        pass
+    return reply
 
 
 def members(stack: Any, room: str) -> set[str]:
@@ -85,9 +94,17 @@ def test_a_closed_connection_leaves_its_room(broadcast: Any) -> None:
     wait_for(lambda: not members(broadcast, "e2e-leave"), what="the room to be empty")
 
 
+@pytest.fixture(scope="module")
+def no_connect_window(stack_factory: Any) -> Any:
+    """A stack whose Lambda deletes any connection answering 410, however young (by
+    default one younger than 30 s may still be in its $connect, and is kept)."""
+    return stack_factory(handler=HANDLER, env={"CONNECT_WINDOW_SECONDS": "0"})[0]
+
+
 def test_a_connection_whose_disconnect_was_lost_is_cleaned_by_the_next_broadcast(
-    broadcast: Any,
+    no_connect_window: Any,
 ) -> None:
+    broadcast = no_connect_window
     sender, ghost = join(broadcast, "e2e-ghost"), join(broadcast, "e2e-ghost")
     send(ghost, {"action": "message", "messageBody": "hello"})
     ghost_id = json.loads(sender.recv())["from"]
@@ -99,3 +116,59 @@ def test_a_connection_whose_disconnect_was_lost_is_cleaned_by_the_next_broadcast
 
     assert (sent["recipients"], sent["delivered"], sent["stale"]) == (1, 0, 1)
     assert ghost_id not in members(broadcast, "e2e-ghost")
+
+
+def join_during_broadcasts(stack: Any, room: str, newcomers: int) -> list[websocket.WebSocket]:
+    """`newcomers` connections joining `room` one after another while two members
+    broadcast without pause; all of them, the two speakers first (keep them: a
+    socket that is garbage collected closes, and leaves the room)."""
+    speakers = [join(stack, room) for _ in range(2)]
+    talking = threading.Event()
+    talking.set()
+
+    def keep_talking(speaker: websocket.WebSocket) -> None:
+        while talking.is_set():
+            reply_to(speaker, {"action": "message", "messageBody": "busy room"})
+
+    talkers = [threading.Thread(target=keep_talking, args=(s,), daemon=True) for s in speakers]
+    for talker in talkers:
+        talker.start()
+    try:
+        return speakers + [join(stack, room) for _ in range(newcomers)]
+    finally:
+        talking.clear()
+        for talker in talkers:
+            talker.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def slow_handoff(stack_factory: Any) -> Any:
+    """API Gateway opens a connection a moment after its $connect returned; here 300 ms,
+    during which posts to it get 410 though its items are stored."""
+    return stack_factory(handler=HANDLER, connect_latency_ms=300)[0]
+
+
+def test_members_joining_during_broadcasts_stay_in_their_room(slow_handoff: Any) -> None:
+    """The broadcasts that find a newcomer still opening get 410 from it; they must
+    not delete its items, or it ends up connected in no room, receiving nothing."""
+    speakers_and_newcomers = join_during_broadcasts(slow_handoff, "e2e-joining", newcomers=6)
+
+    assert len(members(slow_handoff, "e2e-joining")) == 8
+    listener = join(slow_handoff, "e2e-joining")
+    assert reply_to(listener, {"action": "message", "messageBody": "everyone?"})["delivered"] == 8
+    for newcomer in speakers_and_newcomers[2:]:
+        newcomer.settimeout(10)
+        while json.loads(newcomer.recv())["messageBody"] != "everyone?":
+            pass
+
+
+def test_without_the_connect_window_the_same_race_strands_newcomers(stack_factory: Any) -> None:
+    """What the window prevents (and proof that the test above meets the race)."""
+    stack = stack_factory(
+        handler=HANDLER, connect_latency_ms=300, env={"CONNECT_WINDOW_SECONDS": "0"}
+    )[0]
+
+    connections = join_during_broadcasts(stack, "e2e-stranded", newcomers=6)
+
+    assert len(connections) == 8
+    assert len(members(stack, "e2e-stranded")) < 8
