@@ -27,6 +27,7 @@ the order a connection lives:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -261,6 +262,8 @@ class Gateway:
         self._random = random.Random(settings.fault_seed)  # noqa: S311 - fault injection, not security
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connection_tasks: dict[asyncio.Task[Any], Client] = {}
+        # What the management API's posts came to, for load tests: see `stats`.
+        self.post_outcomes: collections.Counter[str] = collections.Counter()
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=16 * 1024 * 1024)
@@ -269,6 +272,7 @@ class Gateway:
         if self.settings.static_dir.is_dir():
             app.router.add_static("/static/", self.settings.static_dir)
         app.router.add_get("/@local/connections", self.list_connections)
+        app.router.add_get("/@local/stats", self.stats)
         app.router.add_post(
             "/@local/connections/{connection_id}/lose-disconnect", self.lose_disconnect
         )
@@ -583,10 +587,12 @@ class Gateway:
             )
         client = self._live(connection_id)
         if client is None or client.ws is None:
+            self.post_outcomes["gone"] += 1
             return _management_error(410, "GoneException")
         if self.settings.fault_gone_rate and self._random.random() < self.settings.fault_gone_rate:
             # As if the connection had died and its $disconnect had been lost: the
             # caller's 410 handling is all that can clean it up.
+            self.post_outcomes["injectedGone"] += 1
             client.report_disconnect = False
             self._drop(client)
             return _management_error(410, "GoneException")
@@ -594,11 +600,13 @@ class Gateway:
             self.settings.fault_throttle_rate
             and self._random.random() < self.settings.fault_throttle_rate
         ):
+            self.post_outcomes["injectedThrottle"] += 1
             return _management_error(429, "LimitExceededException", "Rate exceeded")
         if (
             client.transport is not None
             and client.transport.get_write_buffer_size() > CLIENT_BUFFER_LIMIT
         ):
+            self.post_outcomes["bufferFull"] += 1
             return _management_error(
                 429, "LimitExceededException", "The client is not reading: its buffer is full"
             )
@@ -612,7 +620,9 @@ class Gateway:
             else:
                 await client.ws.send_str(text)
         except (ConnectionError, RuntimeError):
+            self.post_outcomes["gone"] += 1
             return _management_error(410, "GoneException")
+        self.post_outcomes["delivered"] += 1
         return _management_response(200)
 
     async def _get(self, connection_id: str, _: bytes) -> web.Response:
@@ -648,6 +658,18 @@ class Gateway:
             }
             for client in self.clients.values()
         ]
+        return web.json_response(document)
+
+    async def stats(self, _: web.Request) -> web.Response:
+        """How the posts went: delivered, gone (410), injected faults (410 and 429),
+        refused because the client's buffer was full (429); and the open connections."""
+        document = {
+            "posts": {
+                name: self.post_outcomes[name]
+                for name in ("delivered", "gone", "injectedGone", "injectedThrottle", "bufferFull")
+            },
+            "connections": len(self.clients),
+        }
         return web.json_response(document)
 
     async def lose_disconnect(self, request: web.Request) -> web.Response:

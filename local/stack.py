@@ -101,6 +101,12 @@ class Stack:
         with urllib.request.urlopen(f"{self.http_url}/@local/connections", timeout=10) as response:  # noqa: S310 - our loopback URL
             return json.loads(response.read())
 
+    def stats(self) -> dict[str, Any]:
+        """How the management API's posts went (delivered, gone, injectedGone,
+        injectedThrottle, bufferFull) and how many connections are open."""
+        with urllib.request.urlopen(f"{self.http_url}/@local/stats", timeout=10) as response:  # noqa: S310 - our loopback URL
+            return json.loads(response.read())
+
     def lose_disconnect(self, connection_id: str) -> None:
         """Make this connection's $disconnect never run (it can be lost on AWS too), so
         only the 410 of a later post can clean it up."""

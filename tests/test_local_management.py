@@ -233,6 +233,8 @@ def test_injected_throttling_answers_429_for_a_share_of_posts_and_delivers_the_r
     with pytest.raises(websocket.WebSocketTimeoutException):
         ws.recv()
     assert received == delivered
+    posts = stack.stats()["posts"]
+    assert (posts["delivered"], posts["injectedThrottle"]) == (len(delivered), 100 - len(delivered))
 
 
 def test_the_local_connection_list_shows_live_connections(scripted: Any) -> None:
