@@ -12,7 +12,7 @@ TOOLS_STAMP := $(TOOLS)/.installed
 export CKV_SKIP_PACKAGE_UPDATE_CHECK := true
 
 .DEFAULT_GOAL := help
-.PHONY: help test lint tools package deploy destroy run dynamodb-local capacity chat browser clean loadtest token bench
+.PHONY: help test lint tools package deploy destroy run dynamodb-local capacity chat browser clean loadtest token bench soak
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -99,6 +99,13 @@ loadtest: $(STAMP) $(if $(HOST),,$(if $(filter local,$(LOADTEST_DYNAMODB)),dynam
 # Performance section). The full run takes several minutes; QUICK=1 well under one.
 bench: $(STAMP) dynamodb-local ## the fan-out benchmark (QUICK=1: a reduced set, under a minute)
 	$(PY) -m loadtest.bench $(if $(QUICK),--quick) $(ARGS)
+
+# make soak [SOAK_TIME=5m] [ARGS="--users 100 --gone-rate 0.2 ..."]: the load test with churn
+# and injected faults on the local stack, then its promises checked (python -m loadtest.soak
+# --help). Reports: loadtest/results/soak-<timestamp>/ (soak.md, soak.json, locust's).
+SOAK_TIME ?= 5m
+soak: $(STAMP) dynamodb-local ## churn and faults for SOAK_TIME, then lost/duplicates/table/memory checked
+	$(PY) -m loadtest.soak --run-time $(SOAK_TIME) $(ARGS)
 
 # make chat [ROOM=lobby] [URL=ws://127.0.0.1:$(PORT)/local] [TOKEN=...]: URL may be a
 # deployed stage's WebSocketURL (wss://…/prod). Lines typed are sent to the room.

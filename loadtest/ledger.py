@@ -17,7 +17,10 @@ except the sender, that
   was dropped) sooner may have been gone when its turn came.
 
 A message is settled `grace` seconds after it was sent. An owed delivery that
-has not arrived by then is `lost`; if it turns up later after all (within
+has not arrived by then is `reported` when the sender's `sent` reply counted
+that many recipients `failed` (the sender was told: a post throttled on every
+retry, say), and otherwise `lost`: silently dropped, the one thing a broadcast
+must never do; if it turns up later after all (within
 `keep_settled` seconds), it moves from `lost` to `late`: slow, not lost.
 Deliveries to members outside the margins are counted as `bonus` when they
 arrive and `excused` when they do not: neither required nor wrong. Every
@@ -53,7 +56,8 @@ class Tally:
     unanswered: int = 0  # the sender's connection closed before any reply: nothing was owed
     expected: int = 0  # owed deliveries
     received: int = 0  # owed deliveries that arrived within the grace period
-    lost: int = 0  # owed deliveries that never arrived
+    lost: int = 0  # owed deliveries that never arrived, and no `sent` reply said so
+    reported: int = 0  # owed deliveries that never arrived, counted `failed` by the reply
     late: int = 0  # owed deliveries that arrived after the grace period
     excused: int = 0  # not owed (member joined or left around the send) and not received
     bonus: int = 0  # not owed, received anyway
@@ -260,6 +264,9 @@ class Ledger:
         elif message.unanswered:
             tally.unanswered += 1
         owes = not (message.refused or message.unanswered)
+        # Recipients the server owned up to: missing deliveries up to this many were
+        # reported to the sender, not lost.
+        reported_left = message.reply["failed"] if message.reply else 0
         for member in self._rooms.get(message.room, {}).values():
             if member.key == message.sender:
                 continue
@@ -268,6 +275,9 @@ class Ledger:
                 tally.expected += 1
                 if got:
                     tally.received += 1
+                elif reported_left:
+                    reported_left -= 1
+                    tally.reported += 1
                 else:
                     tally.lost += 1
                     message.lost.add(member.key)

@@ -43,6 +43,8 @@ import json
 import logging
 import os
 import random
+import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -187,6 +189,7 @@ class RoomUser(User):
         self.rejoin = False
         self.awaiting_reply: dict[str, float] = {}  # message id -> sent at, oldest first
         self.next_send = time.time() + self.options.send_interval
+        self.leave_at = float("inf")  # set by connect() when --churn-interval is on
         swarm.connecting += 1
         try:
             self.connect()
@@ -205,6 +208,10 @@ class RoomUser(User):
             return
         if self.rejoin:
             self.hang_up()  # the API said this connection is in no room: start afresh
+        elif self.ws is not None and time.time() >= self.leave_at:
+            # Churn (--churn-interval): leave, cleanly or by dropping the TCP
+            # connection (--abrupt-share), and come straight back.
+            self.hang_up(abrupt=random.random() < self.options.abrupt_share)  # noqa: S311
         if self.ws is None and not self.connect():
             return
         if not self.sends:
@@ -229,8 +236,10 @@ class RoomUser(User):
         self.stopping = True
         self.hang_up()
 
-    def hang_up(self) -> None:
-        """Close the connection on purpose: nothing is owed to it from now on."""
+    def hang_up(self, abrupt: bool = False) -> None:
+        """Close the connection on purpose: nothing is owed to it from now on.
+        `abrupt`: reset the TCP connection without a close frame, as a phone losing
+        its network would (API Gateway's $disconnect then reports 1006)."""
         self.rejoin = False
         receiver, ws = getattr(self, "receiver", None), getattr(self, "ws", None)
         self.receiver = self.ws = None
@@ -239,7 +248,11 @@ class RoomUser(User):
         if ws is not None:
             swarm.ledger.left(self.member, time.time())
             with contextlib.suppress(websocket.WebSocketException, OSError):
-                ws.close(timeout=2)
+                if abrupt and ws.sock is not None:
+                    ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+                    ws.sock.close()
+                else:
+                    ws.close(timeout=2)
         for message_id in self.awaiting_reply:
             swarm.ledger.unanswered(message_id)
         self.awaiting_reply.clear()
@@ -262,6 +275,10 @@ class RoomUser(User):
         self.ws = ws
         self.member = swarm.ledger.joined(self.room, self.connected_at)
         self.receiver = gevent.spawn(self.receive, ws, self.member)
+        churn = self.options.churn_interval
+        # Connections last an exponentially distributed time: a few long, many short.
+        lasts = random.expovariate(1 / churn) if churn else float("inf")
+        self.leave_at = self.connected_at + lasts
         return True
 
     # --- Receiving --------------------------------------------------------------------
@@ -368,6 +385,9 @@ class RoomUser(User):
         with contextlib.suppress(websocket.WebSocketException, OSError):
             ws.shutdown()
 
+
+# SO_LINGER on, 0 seconds: close() resets the connection instead of closing it.
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 MISDELIVERIES = {
     "wrong room": "delivered to a member of another room",

@@ -107,6 +107,20 @@ def add_arguments(parser: Any, *, report_file: bool = True) -> None:
         "eventually consistently)",
     )
     add(
+        "--churn-interval",
+        type=_margin,
+        default=0.0,
+        help="mean seconds a connection lasts before its user leaves and comes back "
+        "(exponentially distributed; default: %(default)s, no churn)",
+    )
+    add(
+        "--abrupt-share",
+        type=_share,
+        default=0.0,
+        help="share of those leaves that reset the TCP connection without a close frame "
+        "(default: %(default)s)",
+    )
+    add(
         "--room-prefix",
         type=_room_prefix,
         default="",

@@ -42,6 +42,8 @@ HARNESS_OPTIONS = [
     "payload_bytes",
     "grace",
     "join_margin",
+    "churn_interval",
+    "abrupt_share",
     "room_prefix",
 ]
 

@@ -163,6 +163,30 @@ def test_the_sent_replies_are_summed_for_the_cross_check() -> None:
     assert (tally.server_stale, tally.server_failed) == (1, 1)
 
 
+def test_a_missing_delivery_the_sent_reply_counted_failed_is_reported_not_lost() -> None:
+    ledger, member = ledger_with_room("alice", "bob", "carol", "dave")
+    ledger.sent("t-1", member["alice"], at=10.0)
+    ledger.received("t-1", member["bob"], "r")
+    ledger.replied("t-1", {"recipients": 3, "delivered": 1, "stale": 0, "failed": 1})
+
+    tally = ledger.settle(now=15.0)
+
+    # Two deliveries missing, one owned up to by the server: the other is lost.
+    assert (tally.expected, tally.received, tally.reported, tally.lost) == (3, 1, 1, 1)
+    assert tally.failed()
+
+
+def test_every_missing_delivery_reported_failed_fails_nothing() -> None:
+    ledger, member = ledger_with_room("alice", "bob")
+    ledger.sent("t-1", member["alice"], at=10.0)
+    ledger.replied("t-1", {"recipients": 1, "delivered": 0, "stale": 0, "failed": 1})
+
+    tally = ledger.settle(now=15.0)
+
+    assert (tally.reported, tally.lost) == (1, 0)
+    assert not tally.failed()
+
+
 def test_tallies_reported_in_parts_add_up_to_one_settled_at_the_end() -> None:
     def play(ledger: Ledger, settle_along: bool) -> Tally:
         total = Tally()
