@@ -3,7 +3,7 @@
 `python -m local` (what `make run` runs) starts it; `local.stack.running()` does
 the same from Python. The modules, in the order a request meets them:
 
-    __main__    the command line (serve, chat)
+    __main__    the command line (serve, chat, token)
     server      starts and stops the parts in order
     gateway     the API Gateway emulator (aiohttp): upgrade, frames, timeouts,
                 $disconnect, the @connections management API
@@ -16,4 +16,5 @@ the same from Python. The modules, in the order a request meets them:
     stack       the stack as a child process, for tests and benchmarks
     capacity    the gateway's capacity benchmark (make capacity)
     chat        a terminal chat client (make chat)
+    tokens      private rooms: the room-token secret and `python -m local token`
 """
