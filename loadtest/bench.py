@@ -206,48 +206,14 @@ class Recipients:
             await self.process.wait()
 
 
-# --- The floor: a bare aiohttp broadcast (a separate process) ------------------------
-
-
-def floor_server_main(ready_path: str) -> None:
-    """WebSockets on /ws; POST /broadcast sends its body to every socket, in a loop."""
-    from aiohttp import web
-
-    sockets: list[web.WebSocketResponse] = []
-
-    async def accept(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(compress=False)
-        await ws.prepare(request)
-        sockets.append(ws)
-        async for _ in ws:
-            pass
-        return ws
-
-    async def broadcast(request: web.Request) -> web.Response:
-        text = await request.text()
-        for ws in sockets:
-            await ws.send_str(text)
-        return web.Response()
-
-    async def serve() -> None:
-        app = web.Application()
-        app.router.add_get("/ws", accept)
-        app.router.add_post("/broadcast", broadcast)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
-        await site.start()
-        Path(ready_path).write_text(str(runner.addresses[0][1]))
-        await asyncio.Event().wait()
-
-    asyncio.run(serve())
+# --- The floor: local.capacity's bare aiohttp server (a separate process) -----------
 
 
 @contextlib.asynccontextmanager
 async def floor_server(directory: Path) -> AsyncIterator[str]:
     ready = directory / "floor-port"
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "loadtest.bench", "--floor-server", str(ready)
+        sys.executable, "-m", "local.capacity", "--bare-server", str(ready)
     )
     try:
         while not ready.exists():
@@ -794,13 +760,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling-sizes", help="room sizes for the growth table ('' for none)")
     parser.add_argument("--output", type=Path, help="the markdown file (default: results/bench-…)")
     parser.add_argument("--recipients", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--floor-server", help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
     if arguments.recipients:
         asyncio.run(RecipientsProcess().serve())
-        return 0
-    if arguments.floor_server:
-        floor_server_main(arguments.floor_server)
         return 0
 
     plan = Plan.quick() if arguments.quick else Plan.full()

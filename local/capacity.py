@@ -173,9 +173,10 @@ def _poster_main(job_path: str) -> None:
 # --- The floor: a bare aiohttp server (a separate process) --------------------------
 
 
-def _bare_server_main(ready_path: str) -> None:
+def bare_server_main(ready_path: str) -> None:
     """WebSockets on /ws; POST /post/{index} sends the body to socket `index`;
-    POST /broadcast?rounds=R sends a frame to every socket R times."""
+    POST /broadcast?rounds=R sends it to every socket R times (once by default).
+    Writes its port to `ready_path` when it listens. `make bench` uses it too."""
     from aiohttp import web
 
     sockets: list[web.WebSocketResponse] = []
@@ -194,7 +195,7 @@ def _bare_server_main(ready_path: str) -> None:
 
     async def broadcast(request: web.Request) -> web.Response:
         text = await request.text()
-        for _ in range(int(request.query["rounds"])):
+        for _ in range(int(request.query.get("rounds", "1"))):
             for ws in sockets:
                 await ws.send_str(text)
         return web.Response()
@@ -341,7 +342,7 @@ def main() -> int:
         _poster_main(options.poster)
         return 0
     if options.bare_server:
-        _bare_server_main(options.bare_server)
+        bare_server_main(options.bare_server)
         return 0
 
     results = asyncio.run(benchmark(options))
