@@ -188,12 +188,12 @@ def lambda_handler(event: Event, context: Any) -> Response:
         code = error.response.get("Error", {}).get("Code", "")
         log("ERROR", "dynamodb error", event, errorCode=code)
         if code in THROTTLING_CODES:
-            response = error_reply(event, 503, "the service is busy, retry shortly")
+            response = error_reply(event, 503, "the service is busy, retry shortly", echo_of(event))
         else:
-            response = error_reply(event, 500, "internal error")
+            response = error_reply(event, 500, "internal error", echo_of(event))
     except Exception:
         log("ERROR", "unhandled error", event, exception=traceback.format_exc())
-        response = error_reply(event, 500, "internal error")
+        response = error_reply(event, 500, "internal error", echo_of(event))
     log("INFO", "handled", event, status=response.get("statusCode"))
     return response
 
@@ -245,14 +245,9 @@ def message(event: Event) -> Response:
     frame, problem = parse_frame(event.get("body"))
     if problem:
         return error_reply(event, 400, problem)
-    # The client's own label for this message, echoed in the reply: replies to
-    # messages sent in a row may come back in any order.
-    ref = frame.get("ref")
-    if ref is not None and not (isinstance(ref, str) and len(ref) <= MAX_REF_LENGTH):
-        return error_reply(
-            event, 400, f"ref must be a string of at most {MAX_REF_LENGTH} characters"
-        )
-    echo = {"ref": ref} if ref is not None else {}
+    echo, problem = ref_echo(frame)
+    if problem:
+        return error_reply(event, 400, problem)
     if frame.get("messageBody") is None:
         return error_reply(event, 400, "messageBody is required (any JSON value but null)", echo)
     body_json, problem = encode_message_body(frame["messageBody"])
@@ -380,6 +375,25 @@ def parse_frame(body: Any) -> tuple[dict[str, Any], str | None]:
     if not isinstance(frame, dict):
         return {}, "the frame must be a JSON object"
     return frame, None
+
+
+def ref_echo(frame: dict[str, Any]) -> tuple[dict[str, str], str | None]:
+    """The frame's `ref` as the fields to add to its reply, and why it is refused
+    if it is. A ref is the client's own label for a message: replies to messages
+    sent in a row may come back in any order, and the ref says which is which."""
+    ref = frame.get("ref")
+    if ref is None:
+        return {}, None
+    if not (isinstance(ref, str) and len(ref) <= MAX_REF_LENGTH):
+        return {}, f"ref must be a string of at most {MAX_REF_LENGTH} characters"
+    return {"ref": ref}, None
+
+
+def echo_of(event: Event) -> dict[str, str]:
+    """The `ref` of the event's frame, if it has a valid one, for a reply written
+    after a failure, so even a 500 can be matched to the message it answers."""
+    frame, problem = parse_frame(event.get("body"))
+    return {} if problem else ref_echo(frame)[0]
 
 
 def encode_message_body(body: Any) -> tuple[bytes, str | None]:

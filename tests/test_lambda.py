@@ -695,6 +695,13 @@ def test_a_message_while_dynamodb_is_down_gets_a_500_reply_with_the_request_id(
     assert response["statusCode"] == 500
     assert reply["action"] == "error" and reply["requestId"] == event["requestContext"]["requestId"]
     assert "Traceback" not in response["body"]
+    assert "ref" not in reply
+
+
+def test_a_failed_message_reply_still_carries_its_ref(handler, dynamodb_down):
+    frame = {"action": "message", "messageBody": "x", "ref": "m-7"}
+    reply = send(handler, dynamodb_down, frame)
+    assert (reply["status"], reply["ref"]) == (500, "m-7")
 
 
 def test_a_connect_while_dynamodb_is_down_is_refused_with_500(handler, dynamodb_down):
@@ -708,8 +715,10 @@ def test_throttled_dynamodb_gets_a_503_reply(handler, dynamodb_down):
         "get_item", "ProvisionedThroughputExceededException", http_status_code=400
     )
     with stubber:
-        reply = send(handler, dynamodb_down, {"action": "message", "messageBody": "x"})
+        frame = {"action": "message", "messageBody": "x", "ref": "m-8"}
+        reply = send(handler, dynamodb_down, frame)
     assert reply["status"] == 503 and "retry" in reply["error"]
+    assert reply["ref"] == "m-8"
 
 
 # --- logs and metrics -------------------------------------------------------------------------
