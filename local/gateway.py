@@ -20,6 +20,8 @@ the order a connection lives:
 5. The management API (`/{stage}/@connections/{id}`, and `/@connections/{id}`):
    SigV4-checked POST / GET / DELETE with API Gateway's status codes, bodies
    and `x-amzn-ErrorType` headers, so boto3 raises its modeled exceptions.
+   What the gateway sends (posts and replies) goes out in frames of at most
+   32 KB, as API Gateway splits it.
 6. Local controls under `/@local/` (not part of API Gateway) for tests, and
    the browser page from `local/static/` on `/`.
 """
@@ -100,7 +102,7 @@ class Client:
 
     connection: events.Connection
     query: list[tuple[str, str]]  # the query string's pairs, in order
-    ws: web.WebSocketResponse | None = None  # None while $connect runs
+    ws: _ApiGatewayWebSocket | None = None  # None while $connect runs
     transport: asyncio.Transport | None = None
     last_activity: float = 0.0  # loop time, for the idle timeout
     last_active_at: int = 0  # epoch ms, for GetConnection
@@ -203,8 +205,27 @@ def _frame_header(buffer: bytes, position: int) -> tuple[int, int, int] | None:
     return first & 0x0F, size, header_size
 
 
+def _fragments(data: bytes, opcode: int, limit: int) -> bytes:
+    """`data` as one message in frames of at most `limit` bytes (RFC 6455 5.4): the
+    first frame carries the opcode, the others are continuations, and only the last
+    has FIN set. A server's frames are not masked."""
+    chunks = [data[start : start + limit] for start in range(0, len(data), limit)]
+    frames = bytearray()
+    for index, chunk in enumerate(chunks):
+        first = (0x80 if index == len(chunks) - 1 else 0) | (opcode if index == 0 else 0)
+        if len(chunk) < 126:
+            frames += bytes([first, len(chunk)])
+        elif len(chunk) < 65536:
+            frames += bytes([first, 126]) + len(chunk).to_bytes(2, "big")
+        else:
+            frames += bytes([first, 127]) + len(chunk).to_bytes(8, "big")
+        frames += chunk
+    return bytes(frames)
+
+
 class _ApiGatewayWebSocket(web.WebSocketResponse):
-    """aiohttp's WebSocket, with API Gateway's frame size limit in front of its parser."""
+    """aiohttp's WebSocket with API Gateway's frame size limit both ways: in front of
+    its parser for what clients send, and splitting what the gateway sends."""
 
     def __init__(self, *, max_frame_bytes: int, **options: Any) -> None:
         super().__init__(**options)
@@ -220,6 +241,29 @@ class _ApiGatewayWebSocket(web.WebSocketResponse):
             self._reader,
             self._max_frame_bytes,
         )
+
+    async def send_message(self, data: bytes, opcode: WSMsgType = WSMsgType.TEXT) -> None:
+        """Send `data` as one message, split as API Gateway splits what it sends
+        (posts and replies alike) into frames of at most the frame limit."""
+        if len(data) <= self._max_frame_bytes:
+            await self.send_frame(data, opcode)
+            return
+        writer = self._writer
+        if self.closed or writer is None or writer.transport.is_closing():
+            raise ConnectionResetError("the connection is closing")
+        # aiohttp only writes whole messages in one frame. One write of every frame:
+        # nothing else sent on this connection can come between them.
+        writer.transport.write(_fragments(data, opcode, self._max_frame_bytes))
+
+
+def _opcode_for(data: bytes) -> WSMsgType:
+    """Posted data goes out as text; data that is not UTF-8 goes out unchanged, as
+    binary, rather than corrupted."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return WSMsgType.BINARY
+    return WSMsgType.TEXT
 
 
 def _error_frame(text: str, connection_id: str, request_id: str) -> str:
@@ -494,7 +538,7 @@ class Gateway:
             return
         # The connection may have ended meanwhile; its $disconnect is on its way.
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await ws.send_str(text)
+            await ws.send_message(text.encode())
 
     # --- 3. Timeouts and server-side closes ------------------------------------------
 
@@ -612,13 +656,7 @@ class Gateway:
             )
         client.touch(asyncio.get_running_loop().time())
         try:
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                # Not text: deliver it unchanged rather than corrupt it.
-                await client.ws.send_bytes(data)
-            else:
-                await client.ws.send_str(text)
+            await client.ws.send_message(data, _opcode_for(data))
         except (ConnectionError, RuntimeError):
             self.post_outcomes["gone"] += 1
             return _management_error(410, "GoneException")

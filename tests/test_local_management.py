@@ -77,6 +77,47 @@ def test_a_post_of_exactly_128_kb_is_delivered(scripted: Any) -> None:
     assert len(ws.recv()) == 128 * 1024
 
 
+def test_a_post_over_32_kb_arrives_as_one_message_in_frames_of_32_kb(scripted: Any) -> None:
+    """API Gateway splits what it sends into frames of at most 32 KB; a character
+    may straddle two frames, and the message is still whole and in order."""
+    stack, _ = scripted
+    ws = connect(stack.ws_url)
+    connection_id = who_am_i(ws)
+    text = "x" + "é" * 50_000  # 100,001 bytes: a 2-byte character split at 32,768
+    client = stack.management_client()
+    client.post_to_connection(ConnectionId=connection_id, Data=text.encode())
+    client.post_to_connection(ConnectionId=connection_id, Data=b"next")
+
+    frames = [ws.recv_frame() for _ in range(5)]
+
+    assert [(frame.opcode, frame.fin, len(frame.data)) for frame in frames] == [
+        (websocket.ABNF.OPCODE_TEXT, 0, 32 * 1024),
+        (websocket.ABNF.OPCODE_CONT, 0, 32 * 1024),
+        (websocket.ABNF.OPCODE_CONT, 0, 32 * 1024),
+        (websocket.ABNF.OPCODE_CONT, 1, 100_001 - 3 * 32 * 1024),
+        (websocket.ABNF.OPCODE_TEXT, 1, 4),
+    ]
+    assert b"".join(frame.data for frame in frames[:4]).decode() == text
+
+
+def test_a_split_post_is_reassembled_by_a_client(scripted: Any) -> None:
+    stack, _ = scripted
+    ws = connect(stack.ws_url)
+    connection_id = who_am_i(ws)
+    text = "x" + "é" * 50_000
+    stack.management_client().post_to_connection(ConnectionId=connection_id, Data=text.encode())
+    assert ws.recv() == text
+
+
+def test_a_post_that_is_not_utf_8_arrives_unchanged_as_binary(scripted: Any) -> None:
+    stack, _ = scripted
+    ws = connect(stack.ws_url)
+    data = b"\xff\xfe" * 20_000  # over one frame too
+    stack.management_client().post_to_connection(ConnectionId=who_am_i(ws), Data=data)
+    opcode, received = ws.recv_data()
+    assert (opcode, received) == (websocket.ABNF.OPCODE_BINARY, data)
+
+
 def test_a_malformed_connection_id_is_a_bad_request(scripted: Any) -> None:
     stack, _ = scripted
     with pytest.raises(ClientError) as refused:
