@@ -29,6 +29,7 @@ import functools
 import hashlib
 import hmac
 import json
+import math
 import os
 import random
 import re
@@ -88,6 +89,14 @@ TTL_ATTRIBUTE = "expiresAt"
 # worth retrying; this many attempts in all, with full-jitter backoff.
 POST_ATTEMPTS = 4
 POST_BACKOFF_SECONDS = 0.05
+# A broadcast must answer before API Gateway gives up on the integration (29 s
+# after the frame arrived) and before the function's own timeout, or the sender
+# gets "Endpoint request timed out" and no counts. So it stops starting posts this
+# many seconds before the earlier of the two, and counts the posts it did not
+# start as failed ("Deadline"): a room too big for one invocation is reported,
+# never cut off in silence.
+INTEGRATION_TIMEOUT_SECONDS = 29.0
+REPLY_RESERVE_SECONDS = 2.0
 # Query pages of at most this many ids: posting starts once the first 100 ids are
 # read, not after a whole 1 MB page (about 10,000 ids) is; later pages are bigger.
 FIRST_PAGE_SIZE = 100
@@ -159,14 +168,15 @@ fanout_pool = ThreadPoolExecutor(max_workers=FANOUT_CONCURRENCY, thread_name_pre
 
 Event = dict[str, Any]
 Response = dict[str, Any]
+Route = Callable[[Event, Any], Response]  # (event, Lambda context) -> response
 
-ROUTES: dict[str, Callable[[Event], Response]] = {}
+ROUTES: dict[str, Route] = {}
 
 
-def route(route_key: str) -> Callable[[Callable[[Event], Response]], Callable[[Event], Response]]:
+def route(route_key: str) -> Callable[[Route], Route]:
     """Register the function below it as the handler of one route key."""
 
-    def register(function: Callable[[Event], Response]) -> Callable[[Event], Response]:
+    def register(function: Route) -> Route:
         ROUTES[route_key] = function
         return function
 
@@ -183,7 +193,7 @@ def lambda_handler(event: Event, context: Any) -> Response:
     route_key = request_context(event).get("routeKey")
     handle = ROUTES.get(route_key, ROUTES["$default"])
     try:
-        response = handle(event)
+        response = handle(event, context)
     except ClientError as error:
         code = error.response.get("Error", {}).get("Code", "")
         log("ERROR", "dynamodb error", event, errorCode=code)
@@ -202,7 +212,7 @@ def lambda_handler(event: Event, context: Any) -> Response:
 
 
 @route("$connect")
-def connect(event: Event) -> Response:
+def connect(event: Event, context: Any) -> Response:
     """Join the room named in the query string (or the default room).
 
     Both items are written in one transaction: a connection is either fully in
@@ -216,18 +226,18 @@ def connect(event: Event) -> Response:
         status, problem = check_room_token(event, room)
         if problem:
             return error_reply(event, status, problem)
-    context = request_context(event)
+    details = request_context(event)
     store_connection(
         connection_id(event),
         room,
-        connected_at=int(context.get("connectedAt") or time.time() * 1000),
-        source_ip=context.get("identity", {}).get("sourceIp", ""),
+        connected_at=int(details.get("connectedAt") or time.time() * 1000),
+        source_ip=details.get("identity", {}).get("sourceIp", ""),
     )
     return {"statusCode": 200}
 
 
 @route("$disconnect")
-def disconnect(event: Event) -> Response:
+def disconnect(event: Event, context: Any) -> Response:
     """Leave the room. Idempotent: a connection with no items is already gone."""
     sender = connection_id(event)
     delete_connections([(room_of(sender), sender)])
@@ -235,7 +245,7 @@ def disconnect(event: Event) -> Response:
 
 
 @route("message")
-def message(event: Event) -> Response:
+def message(event: Event, context: Any) -> Response:
     """Broadcast `messageBody` to every other connection in the sender's room.
 
     The frame is checked before anything is read or sent: a refused message
@@ -263,13 +273,15 @@ def message(event: Event) -> Response:
     if room is None:
         return error_reply(event, 404, "this connection is not in a room; reconnect", echo)
 
-    context = request_context(event)
-    message_id = context.get("messageId") or context.get("requestId", "")
+    details = request_context(event)
+    message_id = details.get("messageId") or details.get("requestId", "")
     payload = recipient_envelope(
-        message_id, room, sender, context.get("requestTimeEpoch"), body_json
+        message_id, room, sender, details.get("requestTimeEpoch"), body_json
     )
     started = time.perf_counter()
-    counts = broadcast(room, sender, payload, management_api(event))
+    counts = broadcast(
+        room, sender, payload, management_api(event), posting_deadline(event, context)
+    )
     fanout_ms = round((time.perf_counter() - started) * 1000, 3)
     log_broadcast(event, room, counts, fanout_ms)
     return reply(
@@ -281,18 +293,19 @@ def message(event: Event) -> Response:
             "delivered": counts.delivered,
             "stale": counts.stale,
             "failed": counts.failed,
+            **({} if counts.complete else {"complete": False}),
             **echo,
         },
     )
 
 
 @route("ping")
-def ping(event: Event) -> Response:
+def ping(event: Event, context: Any) -> Response:
     return reply(200, {"action": "pong", "time": int(time.time() * 1000)})
 
 
 @route("$default")
-def default(event: Event) -> Response:
+def default(event: Event, context: Any) -> Response:
     """Any frame no other route took: say what was wrong and what would work."""
     frame, problem = parse_frame(event.get("body"))
     if not problem:
@@ -326,6 +339,19 @@ def connection_id(event: Event) -> str:
 
 def request_id(event: Event) -> str:
     return request_context(event).get("requestId", "")
+
+
+def posting_deadline(event: Event, context: Any) -> float:
+    """When a broadcast stops starting posts, on the time.monotonic() clock: the
+    reply's reserve before API Gateway's integration timeout (counted from when the
+    frame arrived) or the function's own timeout, whichever comes first."""
+    seconds_left = INTEGRATION_TIMEOUT_SECONDS
+    arrived_ms = request_context(event).get("requestTimeEpoch")
+    if isinstance(arrived_ms, int | float):
+        seconds_left = arrived_ms / 1000 + INTEGRATION_TIMEOUT_SECONDS - time.time()
+    if hasattr(context, "get_remaining_time_in_millis"):
+        seconds_left = min(seconds_left, context.get_remaining_time_in_millis() / 1000)
+    return time.monotonic() + seconds_left - REPLY_RESERVE_SECONDS
 
 
 def query_parameter(event: Event, name: str) -> tuple[str | None, str | None]:
@@ -525,9 +551,9 @@ def room_of(connection: str) -> str | None:
     return item["room"]["S"] if item else None
 
 
-def room_pages(room: str) -> Iterator[list[tuple[str, int]]]:
+def room_pages(room: str) -> Iterator[tuple[list[tuple[str, int]], bool]]:
     """The (connection id, connectedAt in ms) of a room's members, one Query page
-    at a time.
+    at a time, each with whether more pages follow.
 
     Every page is read (`LastEvaluatedKey`), so rooms past DynamoDB's 1 MB page
     are not silently cut short; the caller posts to one page while the next is read.
@@ -545,11 +571,13 @@ def room_pages(room: str) -> Iterator[list[tuple[str, int]]]:
     }
     while True:
         page = dynamodb.query(**request)
-        yield [
+        more = "LastEvaluatedKey" in page
+        members = [
             (item[SORT_KEY]["S"], int(item.get("connectedAt", {}).get("N", 0)))
             for item in page.get("Items", [])
         ]
-        if "LastEvaluatedKey" not in page:
+        yield members, more
+        if not more:
             return
         request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
         request["Limit"] = QUERY_PAGE_SIZE
@@ -585,25 +613,37 @@ class Counts(NamedTuple):
     stale: int
     failed: int
     failures: dict[str, int]
+    complete: bool = True  # False: the room was too big to read before the deadline
 
 
-def broadcast(room: str, sender: str, payload: bytes, api: ManagementApi) -> Counts:
+def broadcast(
+    room: str, sender: str, payload: bytes, api: ManagementApi, stop_at: float = math.inf
+) -> Counts:
     """Post `payload` to every connection in `room` but the sender, in parallel.
 
     Pages are submitted to the fan-out pool as they arrive, so posting starts
     while the next page is read. Recipients answering 410 Gone are deleted in
     this same invocation, unless they may still be in their $connect. One failure
     never stops the others.
+
+    No post starts after `stop_at` (time.monotonic()); those not started count as
+    failed. Pages are read on past it, to count who missed the message, until
+    half the reply's reserve is gone too: then the counts say the room was not
+    read to its end.
     """
-    outgoing = Outgoing(api, payload, hashlib.sha256(payload).hexdigest(), signing_keys())
+    outgoing = Outgoing(api, payload, hashlib.sha256(payload).hexdigest(), signing_keys(), stop_at)
     still_connecting_after = (time.time() - CONNECT_WINDOW_SECONDS) * 1000
     posts = []
-    for page in room_pages(room):
+    complete = True
+    for members, more in room_pages(room):
         posts += [
             (recipient, connected_at, fanout_pool.submit(post, outgoing, recipient))
-            for recipient, connected_at in page
+            for recipient, connected_at in members
             if recipient != sender
         ]
+        if more and time.monotonic() >= stop_at + REPLY_RESERVE_SECONDS / 2:
+            complete = False
+            break
     outcomes = {"delivered": 0, "stale": 0}
     failures: dict[str, int] = {}
     stale_ids = []
@@ -626,6 +666,7 @@ def broadcast(room: str, sender: str, payload: bytes, api: ManagementApi) -> Cou
         stale=outcomes["stale"],
         failed=sum(failures.values()),
         failures=failures,
+        complete=complete,
     )
 
 
@@ -637,6 +678,7 @@ class Outgoing(NamedTuple):
     payload: bytes
     payload_sha256: str
     keys: Any  # botocore ReadOnlyCredentials: access_key, secret_key, token
+    stop_at: float = math.inf  # time.monotonic() past which no post starts
 
 
 def post(outgoing: Outgoing, recipient: str) -> str:
@@ -662,6 +704,8 @@ def post(outgoing: Outgoing, recipient: str) -> str:
     for attempt in range(POST_ATTEMPTS):
         if attempt:
             time.sleep(backoff_seconds(attempt - 1))
+        if time.monotonic() >= outgoing.stop_at:
+            return "Deadline"  # the sender's reply must leave before the timeout
         message = request("POST", api, path, signed_headers(outgoing, path), outgoing.payload)
         try:
             status = exchange(api, message)

@@ -9,6 +9,7 @@ import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
 import boto3
@@ -524,6 +525,114 @@ def test_an_unreachable_management_api_counts_every_post_failed(handler, monkeyp
     assert (reply["action"], reply["recipients"], reply["failed"]) == ("sent", 1, 1)
 
 
+# --- message: the deadline ----------------------------------------------------------------
+
+
+class LambdaContext:
+    """The one part of Lambda's context object the function reads."""
+
+    def __init__(self, remaining_ms: int) -> None:
+        self.deadline = time.monotonic() + remaining_ms / 1000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self.deadline - time.monotonic()) * 1000))
+
+
+def send_with(handler, connection, frame, context=None, **event_changes) -> dict:
+    event = events.message(connection, json.dumps(frame), "message")
+    event["requestContext"].update(event_changes)
+    response = handler.lambda_handler(event, context)
+    return {"statusCode": response["statusCode"], **json.loads(response["body"])}
+
+
+def test_with_time_left_a_broadcast_posts_to_everyone_and_says_nothing_of_deadlines(handler):
+    sender = connect(handler, "lobby")
+    others = [connect(handler, "lobby") for _ in range(3)]
+
+    reply = send_with(
+        handler, sender, {"action": "message", "messageBody": "x"}, LambdaContext(29_000)
+    )
+
+    assert (reply["delivered"], reply["failed"]) == (3, 0) and "complete" not in reply
+    assert set(handler.api.delivered()) == {other.connection_id for other in others}
+
+
+def test_without_time_to_post_before_the_function_times_out_every_recipient_counts_failed(
+    handler, capsys
+):
+    sender, _, _ = (connect(handler, "lobby") for _ in range(3))
+
+    reply = send_with(
+        handler, sender, {"action": "message", "messageBody": "x"}, LambdaContext(1_500)
+    )
+
+    assert (reply["action"], reply["recipients"], reply["delivered"], reply["failed"]) == (
+        "sent",
+        2,
+        0,
+        2,
+    )
+    assert handler.api.posts == []
+    (logged,) = [
+        line
+        for line in map(json.loads, capsys.readouterr().out.splitlines())
+        if line["message"] == "broadcast"
+    ]
+    assert logged["failures"] == {"Deadline": 2}
+
+
+def test_the_deadline_counts_from_when_api_gateway_received_the_frame(handler):
+    """API Gateway stops waiting 29 s after the frame arrived, whatever the function's
+    own timeout: a frame that waited 28 s for an execution environment is too late."""
+    sender, _ = connect(handler, "lobby"), connect(handler, "lobby")
+
+    reply = send_with(
+        handler,
+        sender,
+        {"action": "message", "messageBody": "x"},
+        LambdaContext(29_000),
+        requestTimeEpoch=events.now_ms() - 28_000,
+    )
+
+    assert (reply["delivered"], reply["failed"]) == (0, 1)
+    assert handler.api.posts == []
+
+
+def test_posts_that_would_end_past_the_deadline_are_not_started_and_count_failed(
+    handler, monkeypatch
+):
+    """Two posts at a time, each taking 0.3 s, and 0.9 s to post in: the first few
+    are delivered, the rest are not started, and the reply comes in time."""
+    monkeypatch.setattr(handler, "fanout_pool", ThreadPoolExecutor(max_workers=2))
+    handler.api.on_post = lambda post: time.sleep(0.3)
+    sender = connect(handler, "lobby")
+    for _ in range(12):
+        connect(handler, "lobby")
+
+    reply = send_with(
+        handler, sender, {"action": "message", "messageBody": "x"}, LambdaContext(2_900)
+    )
+
+    assert reply["recipients"] == 12
+    assert reply["delivered"] > 0 and reply["failed"] >= 4
+    assert reply["delivered"] + reply["failed"] == 12
+    assert len(handler.api.delivered()) == reply["delivered"]
+    handler.fanout_pool.shutdown()
+
+
+def test_a_room_too_big_to_read_before_the_deadline_is_reported_incomplete(handler, monkeypatch):
+    monkeypatch.setattr(handler, "FIRST_PAGE_SIZE", 2)
+    monkeypatch.setattr(handler, "QUERY_PAGE_SIZE", 2)
+    sender = connect(handler, "lobby")
+    for _ in range(6):
+        connect(handler, "lobby")
+
+    reply = send_with(handler, sender, {"action": "message", "messageBody": "x"}, LambdaContext(0))
+
+    assert reply["action"] == "sent" and reply["complete"] is False
+    assert reply["recipients"] < 6 and reply["failed"] == reply["recipients"]
+
+
 # --- message: refused frames --------------------------------------------------------------
 
 
@@ -774,7 +883,7 @@ def test_an_unexpected_error_is_logged_with_its_traceback_but_answered_without_i
 ):
     connection = connect(handler, "lobby")
 
-    def broken(event):
+    def broken(event, context):
         raise RuntimeError("boom")
 
     monkeypatch.setitem(handler.ROUTES, "ping", broken)

@@ -3,6 +3,7 @@ the middle of a broadcast. The unchanged Lambda on the local stack, real sockets
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -119,3 +120,36 @@ def test_a_worker_killed_mid_broadcast_answers_internal_server_error_and_is_repl
         bodies = []
         while "again" not in bodies:
             bodies.append(json.loads(other.recv())["messageBody"])
+
+
+# --- A room too big for one invocation ----------------------------------------------------
+
+
+def test_a_broadcast_that_cannot_finish_in_time_answers_with_its_counts_before_the_timeout(
+    stack_factory: Any,
+) -> None:
+    """Two posts at a time, 300 ms each, and a function timeout of 4 s: 30 recipients
+    would need 4.5 s. The Lambda stops starting posts 2 s before its timeout and
+    answers in time, counting the recipients it did not reach as failed, instead of
+    being cut off by the timeout with nobody told who missed the message."""
+    stack, _ = stack_factory(
+        handler=HANDLER,
+        function_timeout=4,
+        post_latency_ms=300,
+        env={"FANOUT_CONCURRENCY": "2"},
+    )
+    room = [connect(f"{stack.ws_url}?room=crowded") for _ in range(31)]
+    sender, recipients = room[0], room[1:]
+
+    reply = send(sender, {"action": "message", "messageBody": "to all of you?"})
+
+    assert reply["action"] == "sent", reply
+    assert reply["recipients"] == 30
+    assert reply["delivered"] > 0 and reply["failed"] > 0
+    assert reply["delivered"] + reply["failed"] == 30
+    received = 0
+    for recipient in recipients:
+        recipient.settimeout(0.2)
+        with contextlib.suppress(websocket.WebSocketTimeoutException):
+            received += json.loads(recipient.recv())["messageBody"] == "to all of you?"
+    assert received == reply["delivered"]
