@@ -13,7 +13,7 @@ The file reads in the order a request flows through it: configuration, clients
 (created once per container), the dispatcher, one function per route, then the
 helpers the routes use (rooms, the broadcast, DynamoDB writes, replies, logs).
 
-The table holds two items per connection (design.md, "Table"):
+The table holds two items per connection (the README's "The table" says why):
 
     membership  PK = ROOM#<room>  connectionId = <id>   connectedAt, expiresAt
     connection  PK = CONN#<id>    connectionId = <id>   room, connectedAt, sourceIp, expiresAt
@@ -788,7 +788,7 @@ def signing_key(secret_key: str, day: str, region: str) -> bytes:
     return key
 
 
-# The management API's error codes by status (apigw-websocket.md, section 6).
+# The management API's error codes by status, as API Gateway names them.
 POST_ERROR_CODES = {
     400: "BadRequestException",
     403: "ForbiddenException",

@@ -1,6 +1,6 @@
 """An API Gateway WebSocket API on one aiohttp port, hosting a Lambda handler.
 
-It behaves as API Gateway does (see the project's apigw-websocket notes), in
+It behaves as API Gateway does (the README's "Run locally" lists how), in
 the order a connection lives:
 
 1. Upgrade on `/{stage}`: a plain GET gets 426, another path 403. The
