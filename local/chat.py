@@ -201,7 +201,8 @@ def render_sent(frame: dict[str, Any]) -> str:
     counts = ", ".join(
         f"{name} {frame.get(name, '?')}" for name in ("recipients", "delivered", "stale", "failed")
     )
-    return f"sent: {counts}"
+    unread = "" if frame.get("complete", True) else " (the room was too big to read in time)"
+    return f"sent: {counts}{unread}"
 
 
 def render_error(frame: dict[str, Any]) -> str:
