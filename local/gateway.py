@@ -24,6 +24,9 @@ the order a connection lives:
    32 KB, as API Gateway splits it.
 6. Local controls under `/@local/` (not part of API Gateway) for tests, and
    the browser page from `local/static/` on `/`.
+7. Lambda's Invoke API for the hosted function
+   (`/2015-03-31/functions/{name}/invocations`, SigV4-checked), so a handler can
+   invoke itself asynchronously, as the broadcast does to hand on a big room.
 """
 
 from __future__ import annotations
@@ -322,6 +325,7 @@ class Gateway:
         )
         app.router.add_route("*", "/@connections/{connection_id}", self.management)
         app.router.add_route("*", stage_connections, self.management)
+        app.router.add_post("/2015-03-31/functions/{function}/invocations", self.invoke_function)
         app.router.add_get("/{stage}", self.upgrade)
         app.router.add_route("*", "/{tail:.*}", self.forbidden)
         return app
@@ -731,6 +735,51 @@ class Gateway:
     async def forbidden(self, _: web.Request) -> web.Response:
         return _management_error(403, "ForbiddenException", "Forbidden")
 
+    # --- 7. Lambda's Invoke API --------------------------------------------------------
+
+    async def invoke_function(self, request: web.Request) -> web.Response:
+        """Invoke for the hosted function: `Event` runs it in the background and
+        answers 202 at once (one attempt, no retries, like the template's
+        EventInvokeConfig); `RequestResponse` waits and answers what it returned."""
+        body = await request.read()
+        if self.settings.verify_sigv4:
+            problem = sigv4.verify(
+                method=request.method,
+                host=request.host,
+                raw_path=request.raw_path,
+                headers=request.headers,
+                body=body,
+                secrets=self.settings.credentials,
+                region=self.settings.region,
+                service="lambda",
+            )
+            if problem is not None:
+                log.warning("refused Invoke: %s", problem)
+                return _management_error(403, "InvalidSignatureException", problem)
+        runtime = self.runtime.settings
+        name = _function_name(request.match_info["function"])
+        if name != runtime.function_name:
+            return _management_error(
+                404, "ResourceNotFoundException", f"Function not found: {name}"
+            )
+        try:
+            event = json.loads(body or b"{}")
+        except ValueError:
+            return _management_error(
+                400, "InvalidRequestContentException", "Could not parse request body into json"
+            )
+        invocation_type = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
+        if invocation_type == "Event":
+            self._background(self.runtime.invoke(event, wait_seconds=runtime.timeout_seconds))
+            return _management_response(202)
+        if invocation_type == "DryRun":
+            return _management_response(204)
+        outcome = await self.runtime.invoke(event, wait_seconds=runtime.timeout_seconds + 1)
+        if outcome.ok:
+            return _management_response(200, json.dumps(outcome.result))
+        error = outcome.error or {"errorType": "Sandbox.Timedout", "errorMessage": "Task timed out"}
+        return _management_response(200, json.dumps(error), {"X-Amz-Function-Error": "Unhandled"})
+
     # --- Shutdown --------------------------------------------------------------------
 
     async def shutdown(self, timeout: float) -> None:
@@ -749,6 +798,14 @@ class Gateway:
                 client.transport.abort()
         if closing:
             await asyncio.wait(closing, timeout=timeout)
+
+
+def _function_name(name_or_arn: str) -> str:
+    """The name in a function name, ARN (arn:aws:lambda:region:account:function:name)
+    or partial ARN, without its version or alias."""
+    if name_or_arn.startswith("arn:"):
+        return name_or_arn.split(":")[6]
+    return name_or_arn.split(":")[0]
 
 
 def _management_response(

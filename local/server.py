@@ -97,6 +97,8 @@ def handler_environment(
             "TABLE_NAME": options.table_name,
             "CALLBACK_URL": callback_url,
             "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_endpoint,
+            # The gateway serves Lambda's Invoke API too, for the handler's hand-offs.
+            "AWS_ENDPOINT_URL_LAMBDA": callback_url.rsplit("/", 1)[0],
         }
     )
     if options.auth == "token" and secrets_endpoint:

@@ -63,15 +63,15 @@ class _ReceivedRequest:
 
 
 @lru_cache(maxsize=64)
-def _signer(access_key: str, secret_key: str, region: str) -> SigV4Auth:
-    return SigV4Auth(Credentials(access_key, secret_key), SERVICE, region)
+def _signer(access_key: str, secret_key: str, region: str, service: str) -> SigV4Auth:
+    return SigV4Auth(Credentials(access_key, secret_key), service, region)
 
 
 @lru_cache(maxsize=64)
-def _signing_key(secret_key: str, date: str, region: str) -> bytes:
+def _signing_key(secret_key: str, date: str, region: str, service: str) -> bytes:
     """kSigning = HMAC chain of the date, region, service and "aws4_request"."""
     key = ("AWS4" + secret_key).encode()
-    for part in (date, region, SERVICE, "aws4_request"):
+    for part in (date, region, service, "aws4_request"):
         key = hmac.new(key, part.encode(), hashlib.sha256).digest()
     return key
 
@@ -85,6 +85,7 @@ def verify(
     body: bytes,
     secrets: Mapping[str, str],
     region: str,
+    service: str = SERVICE,
     now: datetime | None = None,
 ) -> str | None:
     """None when the request is signed by one of `secrets` (access key id -> secret
@@ -108,8 +109,8 @@ def verify(
         return "The security token included in the request is invalid."
     if scope_region != region:
         return f"Credential should be scoped to a valid region, not '{scope_region}'."
-    if scope_service != SERVICE:
-        return f"Credential should be scoped to correct service: '{SERVICE}'."
+    if scope_service != service:
+        return f"Credential should be scoped to correct service: '{service}'."
 
     amz_date = headers.get("x-amz-date", "")
     date_parts = _AMZ_DATE.fullmatch(amz_date)
@@ -132,9 +133,9 @@ def verify(
         body,
         amz_date,
     )
-    signer = _signer(access_key, secrets[access_key], region)
+    signer = _signer(access_key, secrets[access_key], region, service)
     string_to_sign = signer.string_to_sign(request, signer.canonical_request(request))
-    key = _signing_key(secrets[access_key], scope_date, region)
+    key = _signing_key(secrets[access_key], scope_date, region, service)
     expected = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected, parsed["signature"]):
         return MISMATCH

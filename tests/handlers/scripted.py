@@ -12,6 +12,8 @@ $connect, from the query string:
   result=none   return None instead of a response object
   sleep=S       take S seconds
 
+an event that is not API Gateway's (a direct Invoke): return {"invoked": event}
+
 message routes, from the frame's JSON `do`:
   "whoami"      reply {"connectionId", "requestId", "pid"}
   "count"       reply with a module-level counter (kept between invocations) and the pid
@@ -72,6 +74,8 @@ def handler(event: dict[str, Any], context: Any) -> Any:
             },
         },
     )
+    if "requestContext" not in event:
+        return {"invoked": event}  # a direct Invoke, through Lambda's API
     route = event["requestContext"]["routeKey"]
     if route == "$connect":
         return connect(event)
