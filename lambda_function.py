@@ -9,6 +9,9 @@ API Gateway invokes this one function for every route of the WebSocket API and
     ping         answer `pong` (a client's way to beat the 10-minute idle timeout)
     $default     anything else: an error naming the valid actions
 
+A room too big to post to before the sender's reply is due is finished by
+further invocations of this same function, which it invokes itself (hand-offs).
+
 The file reads in the order a request flows through it: configuration, clients
 (created once per container), the dispatcher, one function per route, then the
 helpers the routes use (rooms, the broadcast, DynamoDB writes, replies, logs).
@@ -48,7 +51,7 @@ from urllib.parse import quote, urlsplit
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 from botocore.httpsession import get_cert_path
 
 # --- Configuration -------------------------------------------------------------------
@@ -89,14 +92,20 @@ TTL_ATTRIBUTE = "expiresAt"
 # worth retrying; this many attempts in all, with full-jitter backoff.
 POST_ATTEMPTS = 4
 POST_BACKOFF_SECONDS = 0.05
+# The outcome of a post the deadline kept from starting (see INTEGRATION_TIMEOUT_SECONDS).
+NOT_STARTED = "Deadline"
 # A broadcast must answer before API Gateway gives up on the integration (29 s
 # after the frame arrived) and before the function's own timeout, or the sender
 # gets "Endpoint request timed out" and no counts. So it stops starting posts this
-# many seconds before the earlier of the two, and counts the posts it did not
-# start as failed ("Deadline"): a room too big for one invocation is reported,
-# never cut off in silence.
+# many seconds before the earlier of the two and hands the rest of the room to an
+# asynchronous invocation of this same function, which goes on from there (and
+# hands on again, at most MAX_HANDOFFS times). What cannot be handed on counts as
+# failed ("Deadline"): a room too big for one invocation is never cut off in silence.
 INTEGRATION_TIMEOUT_SECONDS = 29.0
 REPLY_RESERVE_SECONDS = 2.0
+MAX_HANDOFFS = int(os.environ.get("MAX_HANDOFFS", "10"))
+# The key of a hand-off event (API Gateway's events never have it).
+HANDOFF = "handoff"
 # Query pages of at most this many ids: posting starts once the first 100 ids are
 # read, not after a whole 1 MB page (about 10,000 ids) is; later pages are bigger.
 FIRST_PAGE_SIZE = 100
@@ -137,6 +146,10 @@ dynamodb = boto3.client(
 # needs it and kept for the life of the container.
 auth_secret_cache: list[bytes] = []
 auth_secret_lock = threading.Lock()
+
+# The Lambda API, to hand the rest of a big room to another invocation: made on
+# the first hand-off, since most containers never need one.
+lambda_api_cache: list[Any] = []
 
 # Credentials for signing management API calls, from the standard chain (in
 # Lambda, the function role's keys in the environment), resolved on first use.
@@ -188,10 +201,13 @@ def lambda_handler(event: Event, context: Any) -> Response:
 
     An exception would reach the client only as API Gateway's bare "Internal
     server error" frame; a 500 reply carrying the request id is something a
-    client can show and an operator can find in the logs.
+    client can show and an operator can find in the logs. Besides API Gateway's
+    events, the function receives its own hand-offs (see `continue_broadcast`).
     """
     route_key = request_context(event).get("routeKey")
     handle = ROUTES.get(route_key, ROUTES["$default"])
+    if HANDOFF in event and "requestContext" not in event:
+        handle = continue_broadcast  # this function, invoked by itself (see `hand_off`)
     try:
         response = handle(event, context)
     except ClientError as error:
@@ -278,12 +294,26 @@ def message(event: Event, context: Any) -> Response:
     payload = recipient_envelope(
         message_id, room, sender, details.get("requestTimeEpoch"), body_json
     )
+    api = management_api(callback_url(event))
     started = time.perf_counter()
-    counts = broadcast(
-        room, sender, payload, management_api(event), posting_deadline(event, context)
-    )
+    counts = broadcast(room, sender, payload, api, posting_deadline(event, context))
+    handoff = {
+        "room": room,
+        "sender": sender,
+        "id": message_id,
+        "stage": details.get("stage", ""),
+        "callbackUrl": api.url,
+        "payload": payload.decode(),
+        "hop": 1,
+    }
+    counts, continued = hand_on_the_rest(counts, handoff, context)
     fanout_ms = round((time.perf_counter() - started) * 1000, 3)
-    log_broadcast(event, room, counts, fanout_ms)
+    log_broadcast(event, room, handoff["stage"], counts, fanout_ms)
+    # How the counts relate to the room: another invocation is posting to the rest
+    # of it, or (when no hand-off could be made) part of it could not even be read.
+    scope = {"continued": True} if continued else {}
+    if not continued and counts.rest and counts.rest.unread:
+        scope = {"complete": False}
     return reply(
         200,
         {
@@ -293,7 +323,7 @@ def message(event: Event, context: Any) -> Response:
             "delivered": counts.delivered,
             "stale": counts.stale,
             "failed": counts.failed,
-            **({} if counts.complete else {"complete": False}),
+            **scope,
             **echo,
         },
     )
@@ -325,6 +355,28 @@ def default(event: Event, context: Any) -> Response:
 # Actions a client may send (every route key that is not API Gateway's own).
 VALID_ACTIONS = sorted(key for key in ROUTES if not key.startswith("$"))
 
+
+def continue_broadcast(event: Event, context: Any) -> Response:
+    """Post to the rest of a room that an earlier invocation of this function
+    handed on at its deadline (see `hand_off`), and hand on again if need be.
+
+    Invoked asynchronously: nobody waits for the answer. The counts go to the
+    log and the metrics, under the message's id.
+    """
+    handoff = event[HANDOFF]
+    api = management_api(handoff["callbackUrl"])
+    started = time.perf_counter()
+    stop_at = time.monotonic() + remaining_seconds(context) - REPLY_RESERVE_SECONDS
+    room, sender, payload = handoff["room"], handoff["sender"], handoff["payload"].encode()
+    counts = broadcast(room, sender, payload, api, stop_at, start_after=handoff["after"])
+    counts, _ = hand_on_the_rest(counts, {**handoff, "hop": handoff["hop"] + 1}, context)
+    fanout_ms = round((time.perf_counter() - started) * 1000, 3)
+    log_broadcast(
+        None, room, handoff["stage"], counts, fanout_ms, id=handoff["id"], hop=handoff["hop"]
+    )
+    return {"statusCode": 200}
+
+
 # --- Event accessors ------------------------------------------------------------------
 
 
@@ -349,9 +401,15 @@ def posting_deadline(event: Event, context: Any) -> float:
     arrived_ms = request_context(event).get("requestTimeEpoch")
     if isinstance(arrived_ms, int | float):
         seconds_left = arrived_ms / 1000 + INTEGRATION_TIMEOUT_SECONDS - time.time()
+    return time.monotonic() + min(seconds_left, remaining_seconds(context)) - REPLY_RESERVE_SECONDS
+
+
+def remaining_seconds(context: Any) -> float:
+    """The invocation's time left before the function's timeout (no context, as in
+    some tests: the most a function may run, 15 minutes)."""
     if hasattr(context, "get_remaining_time_in_millis"):
-        seconds_left = min(seconds_left, context.get_remaining_time_in_millis() / 1000)
-    return time.monotonic() + seconds_left - REPLY_RESERVE_SECONDS
+        return context.get_remaining_time_in_millis() / 1000
+    return 900.0
 
 
 def query_parameter(event: Event, name: str) -> tuple[str | None, str | None]:
@@ -551,9 +609,12 @@ def room_of(connection: str) -> str | None:
     return item["room"]["S"] if item else None
 
 
-def room_pages(room: str) -> Iterator[tuple[list[tuple[str, int]], bool]]:
+def room_pages(
+    room: str, start_after: str | None = None
+) -> Iterator[tuple[list[tuple[str, int]], bool]]:
     """The (connection id, connectedAt in ms) of a room's members, one Query page
-    at a time, each with whether more pages follow.
+    at a time, each with whether more pages follow; from the member after
+    `start_after`, if given.
 
     Every page is read (`LastEvaluatedKey`), so rooms past DynamoDB's 1 MB page
     are not silently cut short; the caller posts to one page while the next is read.
@@ -569,6 +630,8 @@ def room_pages(room: str) -> Iterator[tuple[list[tuple[str, int]], bool]]:
         "ConsistentRead": True,
         "Limit": min(FIRST_PAGE_SIZE, QUERY_PAGE_SIZE),
     }
+    if start_after is not None:
+        request["ExclusiveStartKey"] = room_key(room, start_after)
     while True:
         page = dynamodb.query(**request)
         more = "LastEvaluatedKey" in page
@@ -607,52 +670,67 @@ def delete_connections(connections: list[tuple[str | None, str]]) -> None:
 # --- The broadcast --------------------------------------------------------------------
 
 
+class Rest(NamedTuple):
+    """The part of a room a broadcast did not post to before its deadline."""
+
+    after: str | None  # the member id it starts after (None: the room's first member)
+    known: int  # recipients read but not posted to
+    unread: bool  # True: pages of the room were not even read
+
+
 class Counts(NamedTuple):
-    recipients: int
+    recipients: int  # posted to, or tried, in this invocation
     delivered: int
     stale: int
     failed: int
     failures: dict[str, int]
-    complete: bool = True  # False: the room was too big to read before the deadline
+    rest: Rest | None = None  # what the deadline left, if anything
 
 
 def broadcast(
-    room: str, sender: str, payload: bytes, api: ManagementApi, stop_at: float = math.inf
+    room: str,
+    sender: str,
+    payload: bytes,
+    api: ManagementApi,
+    stop_at: float = math.inf,
+    start_after: str | None = None,
 ) -> Counts:
-    """Post `payload` to every connection in `room` but the sender, in parallel.
+    """Post `payload` to every connection in `room` but the sender, in parallel
+    (from the member after `start_after`, when another invocation did the first part).
 
     Pages are submitted to the fan-out pool as they arrive, so posting starts
     while the next page is read. Recipients answering 410 Gone are deleted in
     this same invocation, unless they may still be in their $connect. One failure
-    never stops the others.
-
-    No post starts after `stop_at` (time.monotonic()); those not started count as
-    failed. Pages are read on past it, to count who missed the message, until
-    half the reply's reserve is gone too: then the counts say the room was not
-    read to its end.
+    never stops the others. No post starts after `stop_at` (time.monotonic()):
+    the counts then say where the rest of the room starts.
     """
     outgoing = Outgoing(api, payload, hashlib.sha256(payload).hexdigest(), signing_keys(), stop_at)
     still_connecting_after = (time.time() - CONNECT_WINDOW_SECONDS) * 1000
     posts = []
-    complete = True
-    for members, more in room_pages(room):
+    read: list[str] = []  # every member read, in key order: where the rest starts
+    unread = False
+    for members, more in room_pages(room, start_after):
+        read += [member for member, _ in members]
         posts += [
             (recipient, connected_at, fanout_pool.submit(post, outgoing, recipient))
             for recipient, connected_at in members
             if recipient != sender
         ]
-        if more and time.monotonic() >= stop_at + REPLY_RESERVE_SECONDS / 2:
-            complete = False
+        if more and time.monotonic() >= stop_at:
+            unread = True  # no post of the next page would start: leave it to the rest
             break
     outcomes = {"delivered": 0, "stale": 0}
     failures: dict[str, int] = {}
     stale_ids = []
+    not_started = []
     for recipient, connected_at, future in posts:
         try:
             outcome = future.result()
         except Exception as error:  # a bug in one post must not lose the others' counts
             outcome = type(error).__name__
-        if outcome in outcomes:
+        if outcome == NOT_STARTED:
+            not_started.append(recipient)
+        elif outcome in outcomes:
             outcomes[outcome] += 1
             if outcome == "stale" and connected_at < still_connecting_after:
                 stale_ids.append(recipient)
@@ -660,14 +738,68 @@ def broadcast(
             failures[outcome] = failures.get(outcome, 0) + 1
     if stale_ids:
         delete_connections([(room, stale) for stale in stale_ids])
+    rest = None
+    if not_started or unread:
+        # The rest starts after the member read just before the first post not
+        # started (a post after it that did start may then arrive twice: rare, and
+        # every copy carries the message's id).
+        first = read.index(not_started[0]) if not_started else len(read)
+        after = read[first - 1] if first else start_after
+        rest = Rest(after, len(not_started), unread)
     return Counts(
-        recipients=len(posts),
+        recipients=len(posts) - len(not_started),
         delivered=outcomes["delivered"],
         stale=outcomes["stale"],
         failed=sum(failures.values()),
         failures=failures,
-        complete=complete,
+        rest=rest,
     )
+
+
+def hand_on_the_rest(counts: Counts, handoff: dict[str, Any], context: Any) -> tuple[Counts, bool]:
+    """Hand what the deadline left of a room to a new invocation; when that cannot
+    be done, count its recipients as failed. (The counts, whether it was handed on.)"""
+    rest = counts.rest
+    if rest is None:
+        return counts, False
+    if hand_off({**handoff, "after": rest.after}, context):
+        return counts, True
+    failures = {**counts.failures, NOT_STARTED: rest.known} if rest.known else counts.failures
+    return counts._replace(
+        recipients=counts.recipients + rest.known,
+        failed=counts.failed + rest.known,
+        failures=failures,
+    ), False
+
+
+def hand_off(handoff: dict[str, Any], context: Any) -> bool:
+    """Invoke this function again, asynchronously, to post to the rest of a room
+    (see `continue_broadcast`). False when it cannot: too many hand-offs already,
+    no Lambda context to name the function by, or the invoke failed."""
+    if handoff["hop"] > MAX_HANDOFFS or not hasattr(context, "invoked_function_arn"):
+        return False
+    try:
+        lambda_api().invoke(
+            FunctionName=context.invoked_function_arn,
+            InvocationType="Event",
+            Payload=json.dumps({HANDOFF: handoff}, ensure_ascii=False).encode(),
+        )
+    except (ClientError, BotoCoreError) as error:
+        log("ERROR", "hand-off failed", None, id=handoff["id"], error=str(error))
+        return False
+    log("INFO", "handed off", None, id=handoff["id"], hop=handoff["hop"])
+    return True
+
+
+def lambda_api() -> Any:
+    if not lambda_api_cache:
+        functions = boto3.client(
+            "lambda",
+            region_name=AWS_REGION,
+            config=Config(connect_timeout=2, read_timeout=5, retries={"mode": "standard"}),
+        )
+        lambda_api_cache.append(functions)
+    return lambda_api_cache[0]
 
 
 class Outgoing(NamedTuple):
@@ -705,7 +837,7 @@ def post(outgoing: Outgoing, recipient: str) -> str:
         if attempt:
             time.sleep(backoff_seconds(attempt - 1))
         if time.monotonic() >= outgoing.stop_at:
-            return "Deadline"  # the sender's reply must leave before the timeout
+            return NOT_STARTED  # the sender's reply must leave before the timeout
         message = request("POST", api, path, signed_headers(outgoing, path), outgoing.payload)
         try:
             status = exchange(api, message)
@@ -821,9 +953,8 @@ def callback_url(event: Event) -> str:
     return f"https://{context['apiId']}.execute-api.{AWS_REGION}.{suffix}/{context['stage']}"
 
 
-def management_api(event: Event) -> ManagementApi:
+def management_api(url: str) -> ManagementApi:
     """The endpoint's shared connection pool, created on first use in this container."""
-    url = callback_url(event)
     api = management_apis.get(url)
     if api is None:
         with management_apis_lock:
@@ -1016,9 +1147,12 @@ def log(level: str, message: str, event: Event | None, **fields: Any) -> None:
     sys.stdout.write(json.dumps(entry, default=str) + "\n")
 
 
-def log_broadcast(event: Event, room: str, counts: Counts, fanout_ms: float) -> None:
+def log_broadcast(
+    event: Event | None, room: str, stage: str, counts: Counts, fanout_ms: float, **fields: Any
+) -> None:
     """The broadcast's log line, which is also its CloudWatch Embedded Metric Format
-    record: CloudWatch turns the named fields into metrics, no extra call needed."""
+    record: CloudWatch turns the named fields into metrics, no extra call needed.
+    A hand-off logs its own line (event None), with the message's id and its hop."""
     metrics = [
         {"Name": "Recipients", "Unit": "Count"},
         {"Name": "Delivered", "Unit": "Count"},
@@ -1031,13 +1165,15 @@ def log_broadcast(event: Event, room: str, counts: Counts, fanout_ms: float) -> 
         "broadcast",
         event,
         room=room,
-        Stage=request_context(event).get("stage", ""),
+        Stage=stage,
         Recipients=counts.recipients,
         Delivered=counts.delivered,
         Stale=counts.stale,
         Failed=counts.failed,
         FanoutMs=fanout_ms,
         failures=counts.failures,
+        **({"rest": counts.rest._asdict()} if counts.rest else {}),
+        **fields,
         _aws={
             "Timestamp": int(time.time() * 1000),
             "CloudWatchMetrics": [

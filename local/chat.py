@@ -201,6 +201,8 @@ def render_sent(frame: dict[str, Any]) -> str:
     counts = ", ".join(
         f"{name} {frame.get(name, '?')}" for name in ("recipients", "delivered", "stale", "failed")
     )
+    if frame.get("continued"):
+        return f"sent: {counts} so far (another invocation is posting to the rest of the room)"
     unread = "" if frame.get("complete", True) else " (the room was too big to read in time)"
     return f"sent: {counts}{unread}"
 

@@ -430,9 +430,12 @@ def test_a_token_is_masked_in_the_urls_the_chat_prints():
     assert chat.redacted(url) == "wss://abc.example/prod?room=lobby&token=..."
 
 
-def test_sent_counts_say_when_the_room_was_too_big_to_read_in_time():
+def test_sent_counts_say_when_the_room_is_finished_elsewhere_or_was_too_big_to_read():
     counts = {"recipients": 9, "delivered": 4, "stale": 0, "failed": 5}
     assert chat.render_sent(counts) == "sent: recipients 9, delivered 4, stale 0, failed 5"
     assert chat.render_sent({**counts, "complete": False}).endswith(
         "failed 5 (the room was too big to read in time)"
+    )
+    assert chat.render_sent({**counts, "continued": True}).endswith(
+        "failed 5 so far (another invocation is posting to the rest of the room)"
     )

@@ -15,6 +15,7 @@ from urllib.parse import quote
 import boto3
 import pytest
 from botocore.config import Config
+from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -528,11 +529,17 @@ def test_an_unreachable_management_api_counts_every_post_failed(handler, monkeyp
 # --- message: the deadline ----------------------------------------------------------------
 
 
-class LambdaContext:
-    """The one part of Lambda's context object the function reads."""
+FUNCTION_ARN = "arn:aws:lambda:us-east-1:123456789012:function:broadcast"
 
-    def __init__(self, remaining_ms: int) -> None:
+
+class LambdaContext:
+    """The parts of Lambda's context object the function reads (without an ARN,
+    the function cannot name itself, so it cannot hand a broadcast on)."""
+
+    def __init__(self, remaining_ms: int, invoked_function_arn: str | None = None) -> None:
         self.deadline = time.monotonic() + remaining_ms / 1000
+        if invoked_function_arn:
+            self.invoked_function_arn = invoked_function_arn
 
     def get_remaining_time_in_millis(self) -> int:
         return max(0, int((self.deadline - time.monotonic()) * 1000))
@@ -602,7 +609,8 @@ def test_posts_that_would_end_past_the_deadline_are_not_started_and_count_failed
     handler, monkeypatch
 ):
     """Two posts at a time, each taking 0.3 s, and 0.9 s to post in: the first few
-    are delivered, the rest are not started, and the reply comes in time."""
+    are delivered, the rest are not started, and the reply comes in time. (Without
+    a function ARN in the context there is nobody to hand the rest to.)"""
     monkeypatch.setattr(handler, "fanout_pool", ThreadPoolExecutor(max_workers=2))
     handler.api.on_post = lambda post: time.sleep(0.3)
     sender = connect(handler, "lobby")
@@ -933,3 +941,113 @@ def test_any_frame_on_any_route_gets_a_well_formed_reply_never_an_internal_error
     assert reply["action"] in ("error", "pong", "sent")
     if reply["action"] == "error":
         assert reply["status"] == response["statusCode"] and reply["error"]
+
+
+# --- message: handing the rest of a big room on ---------------------------------------------
+
+
+class FakeLambdaApi:
+    """Records Invoke calls; raises `error` instead, when given one."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.calls: list[dict] = []
+        self.error = error
+
+    def invoke(self, **request) -> dict:
+        if self.error:
+            raise self.error
+        self.calls.append(request)
+        return {"StatusCode": 202}
+
+
+@pytest.fixture
+def slow_room(handler, monkeypatch):
+    """A sender and 12 recipients; two posts at a time, 0.3 s each."""
+    monkeypatch.setattr(handler, "fanout_pool", ThreadPoolExecutor(max_workers=2))
+    handler.api.on_post = lambda post: time.sleep(0.3)
+    sender = connect(handler, "lobby")
+    recipients = [connect(handler, "lobby") for _ in range(12)]
+    yield sender, recipients
+    handler.fanout_pool.shutdown()
+
+
+def test_what_the_deadline_leaves_is_handed_to_an_asynchronous_invocation_that_finishes_it(
+    handler, monkeypatch, slow_room
+):
+    sender, recipients = slow_room
+    lambda_api = FakeLambdaApi()
+    monkeypatch.setattr(handler, "lambda_api_cache", [lambda_api])
+
+    reply = send_with(
+        handler,
+        sender,
+        {"action": "message", "messageBody": "x", "ref": "r1"},
+        LambdaContext(2_900, FUNCTION_ARN),
+    )
+
+    assert reply["continued"] is True and reply["ref"] == "r1"
+    assert 0 < reply["delivered"] == reply["recipients"] < 12 and reply["failed"] == 0
+    (request,) = lambda_api.calls
+    assert (request["FunctionName"], request["InvocationType"]) == (FUNCTION_ARN, "Event")
+    handoff = json.loads(request["Payload"])["handoff"]
+    assert (handoff["id"], handoff["sender"], handoff["hop"]) == (
+        reply["id"],
+        sender.connection_id,
+        1,
+    )
+
+    handler.lambda_handler(json.loads(request["Payload"]), LambdaContext(29_000, FUNCTION_ARN))
+
+    delivered = handler.api.delivered()
+    assert set(delivered) == {recipient.connection_id for recipient in recipients}
+    assert {len(bodies) for bodies in delivered.values()} == {1}
+    assert lambda_api.calls == [request]  # the second invocation had time for the rest
+
+
+def test_a_hand_off_that_cannot_be_made_counts_the_rest_failed(handler, monkeypatch, slow_room):
+    sender, _ = slow_room
+    refused = ClientError({"Error": {"Code": "AccessDeniedException"}}, "Invoke")
+    monkeypatch.setattr(handler, "lambda_api_cache", [FakeLambdaApi(refused)])
+
+    reply = send_with(
+        handler,
+        sender,
+        {"action": "message", "messageBody": "x"},
+        LambdaContext(2_900, FUNCTION_ARN),
+    )
+
+    assert "continued" not in reply and reply["recipients"] == 12
+    assert reply["failed"] > 0 and reply["delivered"] + reply["failed"] == 12
+
+
+def test_hand_offs_stop_after_max_handoffs_and_count_the_rest_failed(handler, monkeypatch, capsys):
+    sender = connect(handler, "lobby")
+    others = [connect(handler, "lobby") for _ in range(3)]
+    lambda_api = FakeLambdaApi()
+    monkeypatch.setattr(handler, "lambda_api_cache", [lambda_api])
+    handoff = {
+        "room": "lobby",
+        "sender": sender.connection_id,
+        "id": "m-1",
+        "stage": "local",
+        "callbackUrl": handler.api.url,
+        "payload": '{"action":"message","messageBody":"x"}',
+        "after": None,
+        "hop": handler.MAX_HANDOFFS,
+    }
+    capsys.readouterr()
+
+    handler.lambda_handler({"handoff": handoff}, LambdaContext(0, FUNCTION_ARN))
+
+    assert lambda_api.calls == [] and handler.api.posts == []
+    (logged,) = [
+        line
+        for line in map(json.loads, capsys.readouterr().out.splitlines())
+        if line["message"] == "broadcast"
+    ]
+    assert (logged["id"], logged["hop"], logged["Failed"]) == (
+        "m-1",
+        handler.MAX_HANDOFFS,
+        len(others),
+    )
+    assert logged["failures"] == {"Deadline": len(others)}

@@ -348,6 +348,21 @@ def test_token_mode_generates_the_secret_and_only_the_function_may_read_it() -> 
     assert TEMPLATE["Parameters"]["AuthMode"]["AllowedValues"] == ["none", "token"]
 
 
+def test_a_hand_off_may_invoke_this_function_and_no_other_once_within_a_minute() -> None:
+    """The rest of a big room goes to an asynchronous invocation of the function
+    itself; a failed one is not retried, and one queued over a minute is dropped."""
+    methods = methods_called_on("lambda_api()")
+    assert methods == {"invoke"}
+    statement = policy_statements()["HandOff"]
+    assert as_list(statement["Action"]) == ["lambda:InvokeFunction"]
+    function = logical_id("AWS::Lambda::Function")
+    assert as_list(statement["Resource"]) == [{"Fn::GetAtt": [function, "Arn"]}]
+    assert condition_of_statement("HandOff") is None
+    config = template.only_resource(TEMPLATE, "AWS::Lambda::EventInvokeConfig")["Properties"]
+    assert config["FunctionName"] == {"Ref": function}
+    assert (config["MaximumRetryAttempts"], config["MaximumEventAgeInSeconds"]) == (0, 60)
+
+
 def test_the_function_role_grants_no_wildcard_action_or_resource() -> None:
     for sid, statement in policy_statements().items():
         assert statement["Effect"] == "Allow", sid
