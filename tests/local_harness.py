@@ -51,7 +51,8 @@ class Recording:
     def entries(self, kind: str = "event") -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        lines = self.path.read_text().splitlines()
+        # A worker may be writing the last line right now: only whole lines count.
+        lines = self.path.read_text().split("\n")[:-1]
         return [entry for entry in map(json.loads, lines) if entry["kind"] == kind]
 
     def events(
