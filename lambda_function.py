@@ -366,7 +366,7 @@ def continue_broadcast(event: Event, context: Any) -> Response:
     handoff = event[HANDOFF]
     api = management_api(handoff["callbackUrl"])
     started = time.perf_counter()
-    stop_at = time.monotonic() + remaining_seconds(context) - REPLY_RESERVE_SECONDS
+    stop_at = posting_deadline(event, context)
     room, sender, payload = handoff["room"], handoff["sender"], handoff["payload"].encode()
     counts = broadcast(room, sender, payload, api, stop_at, start_after=handoff["after"])
     counts, _ = hand_on_the_rest(counts, {**handoff, "hop": handoff["hop"] + 1}, context)
@@ -395,13 +395,15 @@ def request_id(event: Event) -> str:
 
 def posting_deadline(event: Event, context: Any) -> float:
     """When a broadcast stops starting posts, on the time.monotonic() clock: the
-    reply's reserve before API Gateway's integration timeout (counted from when the
-    frame arrived) or the function's own timeout, whichever comes first."""
-    seconds_left = INTEGRATION_TIMEOUT_SECONDS
+    reply's reserve before the function's own timeout or, for a frame from API
+    Gateway, its integration timeout (counted from when the frame arrived),
+    whichever comes first."""
+    seconds_left = remaining_seconds(context)
     arrived_ms = request_context(event).get("requestTimeEpoch")
     if isinstance(arrived_ms, int | float):
-        seconds_left = arrived_ms / 1000 + INTEGRATION_TIMEOUT_SECONDS - time.time()
-    return time.monotonic() + min(seconds_left, remaining_seconds(context)) - REPLY_RESERVE_SECONDS
+        integration_left = arrived_ms / 1000 + INTEGRATION_TIMEOUT_SECONDS - time.time()
+        seconds_left = min(seconds_left, integration_left)
+    return time.monotonic() + seconds_left - REPLY_RESERVE_SECONDS
 
 
 def remaining_seconds(context: Any) -> float:
@@ -707,10 +709,10 @@ def broadcast(
     outgoing = Outgoing(api, payload, hashlib.sha256(payload).hexdigest(), signing_keys(), stop_at)
     still_connecting_after = (time.time() - CONNECT_WINDOW_SECONDS) * 1000
     posts = []
-    read: list[str] = []  # every member read, in key order: where the rest starts
+    last_read = start_after  # where the rest starts, if pages are left unread
     unread = False
     for members, more in room_pages(room, start_after):
-        read += [member for member, _ in members]
+        last_read = members[-1][0] if members else last_read
         posts += [
             (recipient, connected_at, fanout_pool.submit(post, outgoing, recipient))
             for recipient, connected_at in members
@@ -722,14 +724,14 @@ def broadcast(
     outcomes = {"delivered": 0, "stale": 0}
     failures: dict[str, int] = {}
     stale_ids = []
-    not_started = []
-    for recipient, connected_at, future in posts:
+    not_started = []  # indexes in `posts`, in key order
+    for index, (recipient, connected_at, future) in enumerate(posts):
         try:
             outcome = future.result()
         except Exception as error:  # a bug in one post must not lose the others' counts
             outcome = type(error).__name__
         if outcome == NOT_STARTED:
-            not_started.append(recipient)
+            not_started.append(index)
         elif outcome in outcomes:
             outcomes[outcome] += 1
             if outcome == "stale" and connected_at < still_connecting_after:
@@ -740,11 +742,13 @@ def broadcast(
         delete_connections([(room, stale) for stale in stale_ids])
     rest = None
     if not_started or unread:
-        # The rest starts after the member read just before the first post not
-        # started (a post after it that did start may then arrive twice: rare, and
-        # every copy carries the message's id).
-        first = read.index(not_started[0]) if not_started else len(read)
-        after = read[first - 1] if first else start_after
+        # The rest starts after the recipient just before the first post not started
+        # (a later post that did start may then arrive twice: rare, and every copy
+        # carries the message's id); the sender, if read again, is skipped again.
+        after = last_read
+        if not_started:
+            first = not_started[0]
+            after = posts[first - 1][0] if first else start_after
         rest = Rest(after, len(not_started), unread)
     return Counts(
         recipients=len(posts) - len(not_started),
