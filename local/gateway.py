@@ -594,19 +594,9 @@ class Gateway:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return _management_error(413, "PayloadTooLargeException", "Request Entity Too Large")
-        if self.settings.verify_sigv4:
-            problem = sigv4.verify(
-                method=request.method,
-                host=request.host,
-                raw_path=request.raw_path,
-                headers=request.headers,
-                body=body,
-                secrets=self.settings.credentials,
-                region=self.settings.region,
-            )
-            if problem is not None:
-                log.warning("refused %s %s: %s", request.method, request.raw_path, problem)
-                return _management_error(403, "ForbiddenException", problem)
+        problem = self._signature_problem(request, body, sigv4.SERVICE)
+        if problem is not None:
+            return _management_error(403, "ForbiddenException", problem)
         if self.settings.post_latency_ms > 0:
             await asyncio.sleep(self.settings.post_latency_ms / 1000)
         connection_id = request.match_info["connection_id"]
@@ -618,6 +608,25 @@ class Gateway:
         if action is None:
             return _management_error(403, "ForbiddenException", "Forbidden")
         return await action(connection_id, body)
+
+    def _signature_problem(self, request: web.Request, body: bytes, service: str) -> str | None:
+        """Why the request's SigV4 signature is refused, or None (also when
+        --no-verify-sigv4 turned the check off)."""
+        if not self.settings.verify_sigv4:
+            return None
+        problem = sigv4.verify(
+            method=request.method,
+            host=request.host,
+            raw_path=request.raw_path,
+            headers=request.headers,
+            body=body,
+            secrets=self.settings.credentials,
+            region=self.settings.region,
+            service=service,
+        )
+        if problem is not None:
+            log.warning("refused %s %s: %s", request.method, request.raw_path, problem)
+        return problem
 
     def _live(self, connection_id: str) -> Client | None:
         """The connection if posts can reach it: established and not ending."""
@@ -742,20 +751,9 @@ class Gateway:
         answers 202 at once (one attempt, no retries, like the template's
         EventInvokeConfig); `RequestResponse` waits and answers what it returned."""
         body = await request.read()
-        if self.settings.verify_sigv4:
-            problem = sigv4.verify(
-                method=request.method,
-                host=request.host,
-                raw_path=request.raw_path,
-                headers=request.headers,
-                body=body,
-                secrets=self.settings.credentials,
-                region=self.settings.region,
-                service="lambda",
-            )
-            if problem is not None:
-                log.warning("refused Invoke: %s", problem)
-                return _management_error(403, "InvalidSignatureException", problem)
+        problem = self._signature_problem(request, body, "lambda")
+        if problem is not None:
+            return _management_error(403, "InvalidSignatureException", problem)
         runtime = self.runtime.settings
         name = _function_name(request.match_info["function"])
         if name != runtime.function_name:

@@ -98,13 +98,16 @@ class Stack:
 
     def connections(self) -> list[dict[str, Any]]:
         """The live connections: connectionId, connectedAt, identity, query, established."""
-        with urllib.request.urlopen(f"{self.http_url}/@local/connections", timeout=10) as response:  # noqa: S310 - our loopback URL
-            return json.loads(response.read())
+        return self._local_control("connections")
 
     def stats(self) -> dict[str, Any]:
         """How the management API's posts went (delivered, gone, injectedGone,
         injectedThrottle, bufferFull) and how many connections are open."""
-        with urllib.request.urlopen(f"{self.http_url}/@local/stats", timeout=10) as response:  # noqa: S310 - our loopback URL
+        return self._local_control("stats")
+
+    def _local_control(self, name: str) -> Any:
+        """GET /@local/{name} (the gateway's controls for tests), as JSON."""
+        with urllib.request.urlopen(f"{self.http_url}/@local/{name}", timeout=10) as response:  # noqa: S310 - our loopback URL
             return json.loads(response.read())
 
     def lose_disconnect(self, connection_id: str) -> None:
