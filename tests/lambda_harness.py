@@ -59,11 +59,19 @@ def connect(
 
 
 def send(
-    handler: Any, connection: events.Connection, frame: Any, route_key: str = "message"
+    handler: Any,
+    connection: events.Connection,
+    frame: Any,
+    route_key: str = "message",
+    context: Any = None,
+    **request_context: Any,
 ) -> dict:
-    """Send one frame on a route; return the reply body the sender would get."""
+    """Send one frame on a route, with this Lambda context and these requestContext
+    fields changed; return the reply body the sender would get."""
     body = frame if isinstance(frame, str) else json.dumps(frame)
-    response = handler.lambda_handler(events.message(connection, body, route_key), None)
+    event = events.message(connection, body, route_key)
+    event["requestContext"].update(request_context)
+    response = handler.lambda_handler(event, context)
     return {"statusCode": response["statusCode"], **json.loads(response["body"])}
 
 

@@ -178,6 +178,20 @@ def connect(url: str, **options: Any) -> websocket.WebSocket:
     return websocket.create_connection(url, **options)
 
 
+def next_reply(ws: websocket.WebSocket) -> dict[str, Any]:
+    """The next frame that answers this client, skipping what others broadcast to it."""
+    while True:
+        frame = json.loads(ws.recv())
+        if frame.get("action") != "message":
+            return frame
+
+
+def reply_to(ws: websocket.WebSocket, frame: dict[str, Any]) -> dict[str, Any]:
+    """Send a frame and wait for its reply, past the broadcasts that arrive first."""
+    ws.send(json.dumps(frame))
+    return next_reply(ws)
+
+
 def who_am_i(ws: websocket.WebSocket) -> str:
     ws.send(json.dumps({"do": "whoami"}))
     return json.loads(ws.recv())["connectionId"]

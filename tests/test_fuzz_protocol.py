@@ -18,7 +18,7 @@ import websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.local_harness import close_frame, connect
+from tests.local_harness import close_frame, connect, next_reply
 
 HANDLER = "lambda_function.lambda_handler"
 ROOM = "fuzz"
@@ -41,14 +41,6 @@ def bystanders(fuzz_stack: Any) -> tuple[websocket.WebSocket, websocket.WebSocke
 def fuzzer(fuzz_stack: Any) -> websocket.WebSocket:
     """The fuzzing client: frames within API Gateway's limits never close it."""
     return connect(f"{fuzz_stack.ws_url}?room={ROOM}")
-
-
-def next_reply(ws: websocket.WebSocket) -> dict[str, Any]:
-    """The next frame that answers this client, skipping what others broadcast to it."""
-    while True:
-        frame = json.loads(ws.recv())
-        if frame.get("action") != "message":
-            return frame
 
 
 def bystanders_still_served(bystanders: tuple[websocket.WebSocket, websocket.WebSocket]) -> None:

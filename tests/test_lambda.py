@@ -545,19 +545,23 @@ class LambdaContext:
         return max(0, int((self.deadline - time.monotonic()) * 1000))
 
 
-def send_with(handler, connection, frame, context=None, **event_changes) -> dict:
-    event = events.message(connection, json.dumps(frame), "message")
-    event["requestContext"].update(event_changes)
-    response = handler.lambda_handler(event, context)
-    return {"statusCode": response["statusCode"], **json.loads(response["body"])}
+@pytest.fixture
+def slow_room(handler, monkeypatch):
+    """A sender and 12 recipients; two posts at a time, 0.3 s each."""
+    monkeypatch.setattr(handler, "fanout_pool", ThreadPoolExecutor(max_workers=2))
+    handler.api.on_post = lambda post: time.sleep(0.3)
+    sender = connect(handler, "lobby")
+    recipients = [connect(handler, "lobby") for _ in range(12)]
+    yield sender, recipients
+    handler.fanout_pool.shutdown()
 
 
 def test_with_time_left_a_broadcast_posts_to_everyone_and_says_nothing_of_deadlines(handler):
     sender = connect(handler, "lobby")
     others = [connect(handler, "lobby") for _ in range(3)]
 
-    reply = send_with(
-        handler, sender, {"action": "message", "messageBody": "x"}, LambdaContext(29_000)
+    reply = send(
+        handler, sender, {"action": "message", "messageBody": "x"}, context=LambdaContext(29_000)
     )
 
     assert (reply["delivered"], reply["failed"]) == (3, 0) and "complete" not in reply
@@ -569,8 +573,8 @@ def test_without_time_to_post_before_the_function_times_out_every_recipient_coun
 ):
     sender, _, _ = (connect(handler, "lobby") for _ in range(3))
 
-    reply = send_with(
-        handler, sender, {"action": "message", "messageBody": "x"}, LambdaContext(1_500)
+    reply = send(
+        handler, sender, {"action": "message", "messageBody": "x"}, context=LambdaContext(1_500)
     )
 
     assert (reply["action"], reply["recipients"], reply["delivered"], reply["failed"]) == (
@@ -593,11 +597,11 @@ def test_the_deadline_counts_from_when_api_gateway_received_the_frame(handler):
     own timeout: a frame that waited 28 s for an execution environment is too late."""
     sender, _ = connect(handler, "lobby"), connect(handler, "lobby")
 
-    reply = send_with(
+    reply = send(
         handler,
         sender,
         {"action": "message", "messageBody": "x"},
-        LambdaContext(29_000),
+        context=LambdaContext(29_000),
         requestTimeEpoch=events.now_ms() - 28_000,
     )
 
@@ -606,26 +610,21 @@ def test_the_deadline_counts_from_when_api_gateway_received_the_frame(handler):
 
 
 def test_posts_that_would_end_past_the_deadline_are_not_started_and_count_failed(
-    handler, monkeypatch
+    handler, slow_room
 ):
     """Two posts at a time, each taking 0.3 s, and 0.9 s to post in: the first few
     are delivered, the rest are not started, and the reply comes in time. (Without
     a function ARN in the context there is nobody to hand the rest to.)"""
-    monkeypatch.setattr(handler, "fanout_pool", ThreadPoolExecutor(max_workers=2))
-    handler.api.on_post = lambda post: time.sleep(0.3)
-    sender = connect(handler, "lobby")
-    for _ in range(12):
-        connect(handler, "lobby")
+    sender, _ = slow_room
 
-    reply = send_with(
-        handler, sender, {"action": "message", "messageBody": "x"}, LambdaContext(2_900)
+    reply = send(
+        handler, sender, {"action": "message", "messageBody": "x"}, context=LambdaContext(2_900)
     )
 
     assert reply["recipients"] == 12
     assert reply["delivered"] > 0 and reply["failed"] >= 4
     assert reply["delivered"] + reply["failed"] == 12
     assert len(handler.api.delivered()) == reply["delivered"]
-    handler.fanout_pool.shutdown()
 
 
 def test_a_room_too_big_to_read_before_the_deadline_is_reported_incomplete(handler, monkeypatch):
@@ -635,7 +634,9 @@ def test_a_room_too_big_to_read_before_the_deadline_is_reported_incomplete(handl
     for _ in range(6):
         connect(handler, "lobby")
 
-    reply = send_with(handler, sender, {"action": "message", "messageBody": "x"}, LambdaContext(0))
+    reply = send(
+        handler, sender, {"action": "message", "messageBody": "x"}, context=LambdaContext(0)
+    )
 
     assert reply["action"] == "sent" and reply["complete"] is False
     assert reply["recipients"] < 6 and reply["failed"] == reply["recipients"]
@@ -960,17 +961,6 @@ class FakeLambdaApi:
         return {"StatusCode": 202}
 
 
-@pytest.fixture
-def slow_room(handler, monkeypatch):
-    """A sender and 12 recipients; two posts at a time, 0.3 s each."""
-    monkeypatch.setattr(handler, "fanout_pool", ThreadPoolExecutor(max_workers=2))
-    handler.api.on_post = lambda post: time.sleep(0.3)
-    sender = connect(handler, "lobby")
-    recipients = [connect(handler, "lobby") for _ in range(12)]
-    yield sender, recipients
-    handler.fanout_pool.shutdown()
-
-
 def test_what_the_deadline_leaves_is_handed_to_an_asynchronous_invocation_that_finishes_it(
     handler, monkeypatch, slow_room
 ):
@@ -978,11 +968,11 @@ def test_what_the_deadline_leaves_is_handed_to_an_asynchronous_invocation_that_f
     lambda_api = FakeLambdaApi()
     monkeypatch.setattr(handler, "lambda_api_cache", [lambda_api])
 
-    reply = send_with(
+    reply = send(
         handler,
         sender,
         {"action": "message", "messageBody": "x", "ref": "r1"},
-        LambdaContext(2_900, FUNCTION_ARN),
+        context=LambdaContext(2_900, FUNCTION_ARN),
     )
 
     assert reply["continued"] is True and reply["ref"] == "r1"
@@ -1009,11 +999,11 @@ def test_a_hand_off_that_cannot_be_made_counts_the_rest_failed(handler, monkeypa
     refused = ClientError({"Error": {"Code": "AccessDeniedException"}}, "Invoke")
     monkeypatch.setattr(handler, "lambda_api_cache", [FakeLambdaApi(refused)])
 
-    reply = send_with(
+    reply = send(
         handler,
         sender,
         {"action": "message", "messageBody": "x"},
-        LambdaContext(2_900, FUNCTION_ARN),
+        context=LambdaContext(2_900, FUNCTION_ARN),
     )
 
     assert "continued" not in reply and reply["recipients"] == 12

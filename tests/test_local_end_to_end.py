@@ -15,7 +15,7 @@ import pytest
 import websocket
 
 import lambda_function
-from tests.local_harness import StackFactory, connect, wait_for
+from tests.local_harness import StackFactory, connect, reply_to, wait_for
 
 HANDLER = "lambda_function.lambda_handler"
 
@@ -45,14 +45,6 @@ def join(stack: Any, room: str) -> websocket.WebSocket:
 def send(ws: websocket.WebSocket, frame: dict[str, Any]) -> dict[str, Any]:
     ws.send(json.dumps(frame))
     return json.loads(ws.recv())
-
-
-def reply_to(ws: websocket.WebSocket, frame: dict[str, Any]) -> dict[str, Any]:
-    """Send a frame and wait for its reply, past the broadcasts that arrive first."""
-    ws.send(json.dumps(frame))
-    while (reply := json.loads(ws.recv()))["action"] == "message":
-        pass
-    return reply
 
 
 def members(stack: Any, room: str) -> set[str]:

@@ -13,19 +13,10 @@ import psutil
 import pytest
 import websocket
 
-from tests.local_harness import connect, wait_for
+from tests.local_harness import connect, reply_to, wait_for
 from tests.tcp_proxy import Proxy
 
 HANDLER = "lambda_function.lambda_handler"
-
-
-def send(ws: websocket.WebSocket, frame: dict[str, Any]) -> dict[str, Any]:
-    """Send a frame and return the reply meant for this client."""
-    ws.send(json.dumps(frame))
-    while True:
-        reply = json.loads(ws.recv())
-        if reply.get("action") != "message":
-            return reply
 
 
 # --- DynamoDB outage ----------------------------------------------------------------------
@@ -47,19 +38,19 @@ def test_while_dynamodb_is_down_senders_get_500_with_a_request_id_and_connects_a
     stack, proxy = outage
     sender = connect(f"{stack.ws_url}?room=outage")
     recipient = connect(f"{stack.ws_url}?room=outage")
-    assert send(sender, {"action": "message", "messageBody": "before"})["delivered"] == 1
+    assert reply_to(sender, {"action": "message", "messageBody": "before"})["delivered"] == 1
     assert json.loads(recipient.recv())["messageBody"] == "before"
 
     proxy.cut()
     try:
-        reply = send(sender, {"action": "message", "messageBody": "during"})
+        reply = reply_to(sender, {"action": "message", "messageBody": "during"})
         assert (reply["action"], reply["status"]) == ("error", 500)
         assert len(reply["requestId"]) == 16
         with pytest.raises(websocket.WebSocketBadStatusException) as refused:
             connect(f"{stack.ws_url}?room=outage")
         assert refused.value.status_code == 500
         # Nothing crashed: what needs no table still works, and nothing was delivered.
-        assert send(sender, {"action": "ping"})["action"] == "pong"
+        assert reply_to(sender, {"action": "ping"})["action"] == "pong"
         recipient.settimeout(0.5)
         with pytest.raises(websocket.WebSocketTimeoutException):
             recipient.recv()
@@ -70,7 +61,8 @@ def test_while_dynamodb_is_down_senders_get_500_with_a_request_id_and_connects_a
     # Back without a restart: the same connections and new ones work.
     reply = wait_for(
         lambda: (
-            (r := send(sender, {"action": "message", "messageBody": "after"}))["action"] == "sent"
+            (r := reply_to(sender, {"action": "message", "messageBody": "after"}))["action"]
+            == "sent"
             and r
         ),
         timeout=30,
@@ -79,7 +71,7 @@ def test_while_dynamodb_is_down_senders_get_500_with_a_request_id_and_connects_a
     assert reply["delivered"] == 1
     assert json.loads(recipient.recv())["messageBody"] == "after"
     newcomer = connect(f"{stack.ws_url}?room=outage")
-    assert send(newcomer, {"action": "message", "messageBody": "hello"})["delivered"] == 2
+    assert reply_to(newcomer, {"action": "message", "messageBody": "hello"})["delivered"] == 2
     assert stack.process.poll() is None
 
 
@@ -113,7 +105,7 @@ def test_a_worker_killed_mid_broadcast_answers_internal_server_error_and_is_repl
     replacement = wait_for(lambda: lambda_workers(stack), what="a replacement worker")[0]
     assert replacement.pid != worker.pid
     # Nothing hangs: the next broadcast reaches everybody.
-    reply = send(sender, {"action": "message", "messageBody": "again"})
+    reply = reply_to(sender, {"action": "message", "messageBody": "again"})
     assert (reply["action"], reply["delivered"]) == ("sent", 3)
     for other in others:
         bodies = []
@@ -141,7 +133,7 @@ def test_a_broadcast_that_cannot_finish_in_time_answers_in_time_and_hands_on_the
     room = [connect(f"{stack.ws_url}?room=crowded") for _ in range(31)]
     sender, recipients = room[0], room[1:]
 
-    reply = send(sender, {"action": "message", "messageBody": "to all of you?"})
+    reply = reply_to(sender, {"action": "message", "messageBody": "to all of you?"})
 
     assert reply["action"] == "sent", reply
     assert reply["continued"] is True
